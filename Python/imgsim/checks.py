@@ -1,0 +1,61 @@
+"""Parameter checks made at the door, before any table is touched.
+
+Each raises :class:`ParameterError` (a ValueError) naming the parameter, the
+allowed range and the value received.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+
+
+class ParameterError(ValueError):
+    """A parameter outside its allowed range or set."""
+
+
+def ratio(name: str, value) -> float:
+    """A number strictly between 0 and 1."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{name} must be a number in (0, 1); got {value!r}") from None
+    if not 0.0 < value < 1.0:
+        raise ParameterError(f"{name} must be in (0, 1); got {value}")
+    return value
+
+
+def count(name: str, value, minimum: int = 0) -> int:
+    """A whole number not below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ParameterError(f"{name} must be a whole number >= {minimum}; got {value!r}")
+    if int(value) < minimum:
+        raise ParameterError(f"{name} must be >= {minimum}; got {value}")
+    return int(value)
+
+
+def choice(name: str, value, allowed) -> str:
+    """One of ``allowed``."""
+    if value not in allowed:
+        raise ParameterError(
+            f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    return value
+
+
+def ks(name: str, values) -> list[int]:
+    """A non-empty list of distinct whole numbers >= 1, sorted."""
+    values = [count(name, v, 1) for v in values]
+    if not values:
+        raise ParameterError(f"{name} must name at least one k")
+    return sorted(set(values))
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def identifier(name: str, value) -> str:
+    """A plain SQL identifier (letters, digits, underscores; at most 63 characters)."""
+    if not isinstance(value, str) or not _IDENTIFIER.match(value):
+        raise ParameterError(
+            f"{name} must be a plain identifier (letters, digits, _; at most 63); got {value!r}")
+    return value

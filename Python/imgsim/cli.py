@@ -1,0 +1,169 @@
+"""The ``imgsim`` command: one sub-command per step, ``run`` for all, ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import backbones
+from .checks import ParameterError
+from .evaluate import DEFAULT_KS, SPACES, evaluate_model
+from .featurize import featurize_images
+from .images import ImageError
+from .pipeline import run_image_similarity
+from .prepare import DEFAULT_SEED, prepare_data
+from .rank import rank_candidates
+from .report import write_report
+from .store import DEFAULT_URL, open_store
+from .sync import sync_image_folder
+from .train import KINDS, train_classifier
+
+TEMPLATE_FIGURES = {"test_accuracy": 0.751, "cosine_top1": 0.355, "cosine_top32": 0.895}
+
+
+def _backbone_args(p):
+    p.add_argument("--backbone", default=backbones.DEFAULT_BACKBONE,
+                   choices=sorted(backbones.SPECS), help="CNN backbone (default: %(default)s)")
+    p.add_argument("--weights", help="torchvision-format state_dict file (needed by resnet18)")
+
+
+def _prepare_args(p):
+    p.add_argument("--ratio-train-test", type=float, default=0.75,
+                   help="share of each category used for training (default: %(default)s)")
+    p.add_argument("--max-query-imgs-per-subdir", type=int, default=20,
+                   help="evaluation queries per category (default: %(default)s)")
+    p.add_argument("--max-neg-imgs-per-query-img", type=int, default=100,
+                   help="negatives per evaluation query (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help="random seed, recorded in runs (default: %(default)s)")
+
+
+def _train_args(p):
+    p.add_argument("--kind", choices=KINDS, default="mlp",
+                   help="mlp (one hidden layer of 100, like rx_neural_network) or logistic "
+                        "(default: %(default)s)")
+
+
+def _evaluate_args(p):
+    p.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS),
+                   help="k values of top-k accuracy (default: %(default)s)")
+    p.add_argument("--space", choices=SPACES, default="scores",
+                   help="vectors compared: classifier scores (the template's) or backbone "
+                        "features (default: %(default)s)")
+    p.add_argument("--chart", help="also write the ranking chart to this PNG file")
+
+
+def _rank_args(p):
+    p.add_argument("--top-k-candidates", type=int, default=10,
+                   help="candidates kept per query (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgsim", description="In-database image similarity: featurize images with a "
+        "pretrained CNN, train a classifier, evaluate and rank similar images; every result "
+        "is a table.")
+    parser.add_argument("--db", default=DEFAULT_URL,
+                        help="SQLAlchemy database URL (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sync", help="load a folder (one sub-folder per category) into images")
+    p.add_argument("folder")
+
+    p = sub.add_parser("featurize", help="compute CNN features of new images")
+    _backbone_args(p)
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+
+    p = sub.add_parser("prepare", help="split train/test and draw the evaluation set")
+    _backbone_args(p)
+    _prepare_args(p)
+
+    p = sub.add_parser("train", help="train the classifier and score every image")
+    _backbone_args(p)
+    _train_args(p)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed")
+
+    p = sub.add_parser("evaluate", help="top-k ranking accuracy by L2 and cosine distance")
+    _backbone_args(p)
+    _evaluate_args(p)
+
+    p = sub.add_parser("rank", help="top-k most similar candidates of each query image")
+    _backbone_args(p)
+    _rank_args(p)
+    p.add_argument("--space", choices=SPACES, default="scores", help="ranking space")
+    p.add_argument("--include-self", action="store_true", help="let a query rank itself")
+
+    p = sub.add_parser("run", help="all steps: [sync], featurize, prepare, train, evaluate, "
+                                   "rank, report")
+    p.add_argument("folder", nargs="?", help="image folder to sync first")
+    _backbone_args(p)
+    _prepare_args(p)
+    _train_args(p)
+    _evaluate_args(p)
+    _rank_args(p)
+    p.add_argument("--report", default="imgsim_report.html",
+                   help="HTML report path (default: %(default)s)")
+
+    p = sub.add_parser("report", help="write the HTML report of the latest results")
+    p.add_argument("--out", default="imgsim_report.html", help="path (default: %(default)s)")
+    p.add_argument("--sample-queries", type=int, default=8, help="queries shown (default: 8)")
+    return parser
+
+
+def _print_results_table(store, train: dict, metrics: list[dict]) -> None:
+    top = {(m["distance"], m["k"]): m["accuracy"] for m in metrics}
+    print(f"{'figure':<22}{'imgsim':>10}{'template':>10}")
+    print(f"{'train accuracy':<22}{100 * train['train_accuracy']:>9.1f}%{89.7:>9.1f}%")
+    if train["test_accuracy"] is not None:
+        print(f"{'test accuracy':<22}{100 * train['test_accuracy']:>9.1f}%{75.1:>9.1f}%")
+    for k, template in ((1, 35.5), (5, 62.0), (10, 69.5), (32, 89.5)):
+        if ("cosine", k) in top:
+            print(f"{'cosine top-' + str(k):<22}{100 * top['cosine', k]:>9.1f}%{template:>9.1f}%")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = not args.quiet
+    try:
+        store = open_store(args.db)
+        weights = getattr(args, "weights", None)
+        if args.command == "sync":
+            result = sync_image_folder(store, args.folder, progress=progress)
+        elif args.command == "featurize":
+            result = featurize_images(store, args.backbone, weights, args.batch_size,
+                                      progress=progress)
+        elif args.command == "prepare":
+            result = prepare_data(store, args.backbone, weights, args.ratio_train_test,
+                                  args.max_query_imgs_per_subdir,
+                                  args.max_neg_imgs_per_query_img, args.seed)
+        elif args.command == "train":
+            result = train_classifier(store, args.backbone, weights, args.kind, args.seed)
+        elif args.command == "evaluate":
+            result = evaluate_model(store, args.ks, args.space, args.backbone, weights,
+                                    args.chart)
+        elif args.command == "rank":
+            result = rank_candidates(store, args.top_k_candidates, args.space,
+                                     args.include_self, args.backbone, weights)
+        elif args.command == "report":
+            result = {"report": str(write_report(store, args.out, args.sample_queries))}
+        else:
+            results = run_image_similarity(
+                store, args.folder, args.backbone, weights, args.ratio_train_test,
+                args.max_query_imgs_per_subdir, args.max_neg_imgs_per_query_img,
+                args.top_k_candidates, args.ks, args.kind, args.space, args.seed,
+                args.chart, progress)
+            path = write_report(store, args.report)
+            _print_results_table(store, results["train"], results["evaluate"])
+            print(f"report: {path.resolve()}")
+            return 0
+    except (ParameterError, ValueError, FileNotFoundError, ImageError, RuntimeError) as exc:
+        print(f"imgsim: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

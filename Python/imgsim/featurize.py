@@ -1,0 +1,188 @@
+"""featurize_images: CNN embeddings of every image, run by ONNX Runtime.
+
+Each backbone is exported once to ONNX (see :mod:`imgsim.backbones`), keyed by the
+SHA-256 of its weights: cached on disk (``$IMGSIM_CACHE``, default
+``~/.cache/imgsim``) and stored in the models table, from which later runs load it
+without torch. Images are decoded on a worker thread while the previous batch is
+inferred; only one batch of image bytes is held at a time, so memory stays flat
+however many images there are. The step is incremental: an image whose content
+already has features for this backbone (under any path) is not run again, and
+content already recorded as undecodable is not retried.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import backbones, checks
+from .images import ImageError, preprocess
+from .runs import recorded
+from .store.base import to_blob
+
+STEP = "featurize"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IMGSIM_CACHE", Path.home() / ".cache" / "imgsim"))
+
+
+def feature_key(backbone: str, weights=None) -> str:
+    """The name features and the exported graph are kept under: backbone and weights hash."""
+    digest = backbones.file_sha256(backbones.weights_path(backbone, weights))
+    return f"{backbone}@{digest[:12]}"
+
+
+def backbone_graph(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=None):
+    """ONNX bytes of ``backbone``: from the models table, the disk cache, or a fresh export
+    (stored in both). Returns ``(key, onnx_bytes)``."""
+    key = feature_key(backbone, weights)
+    stored = store.load_model(key)
+    if stored is not None:
+        return key, stored[0]
+    cached = cache_dir() / f"{key}.onnx"
+    if cached.is_file():
+        graph = cached.read_bytes()
+    else:
+        graph = backbones.export_onnx(backbone, weights)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(graph)
+        tmp.replace(cached)
+    spec = backbones.get_spec(backbone)
+    with store.transaction():
+        store.save_model(key, "backbone", graph, {
+            "backbone": backbone, "dim": spec.dim, "input_size": backbones.INPUT_SIZE,
+            "mean": list(spec.mean), "std": list(spec.std), "weights": spec.weights_source})
+    return key, graph
+
+
+def onnx_session(graph: bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session for a graph given as bytes."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+class Featurizer:
+    """Bytes of images to embeddings with one backbone graph."""
+
+    def __init__(self, graph: bytes, backbone: str, threads: int | None = None):
+        self.spec = backbones.get_spec(backbone)
+        self.session = onnx_session(graph, threads)
+        self.input = self.session.get_inputs()[0].name
+
+    def prepare(self, data: bytes):
+        """Preprocess one image; an ImageError is returned, not raised."""
+        try:
+            return preprocess(data, self.spec.mean, self.spec.std)
+        except ImageError as exc:
+            return exc
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: batch})[0].astype(np.float32)
+
+    def embed(self, data: bytes) -> np.ndarray:
+        """The embedding of one image (raises ImageError for a bad one)."""
+        array = self.prepare(data)
+        if isinstance(array, ImageError):
+            raise array
+        return self.run(array[None])[0]
+
+
+def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=None,
+                     batch_size: int = 32, progress: bool = True) -> dict:
+    """Compute features for every image that has none for ``backbone``.
+
+    Parameters
+    ----------
+    store : Store
+    backbone : {'efficientnet_lite0', 'mobilenet_v2', 'resnet18'}
+    weights : path, optional
+        A torchvision-format state_dict file (required for resnet18).
+    batch_size : int
+        Images per ONNX Runtime call (1 to 1024).
+
+    Returns
+    -------
+    dict of counts: ``featurized``, ``reused`` (same content seen before),
+    ``failed`` (recorded in image_errors), ``pending`` (images considered).
+
+    Example
+    -------
+    >>> featurize_images(store)  # doctest: +SKIP
+    {'pending': 352, 'featurized': 350, 'reused': 0, 'failed': 2}
+    """
+    checks.choice("backbone", backbone, sorted(backbones.SPECS))
+    checks.count("batch_size", batch_size, 1)
+    if batch_size > 1024:
+        raise checks.ParameterError(f"batch_size must be <= 1024; got {batch_size}")
+    if backbone == "resnet18" and weights is None:
+        raise checks.ParameterError("backbone resnet18 needs weights=PATH (a torchvision-"
+                                    "format state_dict file)")
+    params = {"backbone": backbone, "weights": str(weights) if weights else None,
+              "batch_size": batch_size}
+    key, graph = backbone_graph(store, backbone, weights)
+    params["feature_key"] = key
+    with recorded(store, STEP, params) as run:
+        pending = store.pending_images(key, STEP)
+        counts = {"pending": len(pending), "featurized": 0, "reused": 0, "failed": 0}
+        run.progress(**counts)
+        if pending:
+            featurizer = Featurizer(graph, backbone)
+            bar = tqdm(total=len(pending), desc=f"featurize {backbone}", unit="img",
+                       disable=not progress)
+            batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+            # Store access stays on this thread (plpy is single-threaded); the worker
+            # thread only decodes, overlapping with inference of the previous batch.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                future = pool.submit(_decode, featurizer, _load(store, key, batches[0]))
+                for index in range(len(batches)):
+                    decoded = future.result()
+                    if index + 1 < len(batches):
+                        future = pool.submit(_decode, featurizer,
+                                             _load(store, key, batches[index + 1]))
+                    _embed_and_store(store, featurizer, key, decoded, run, counts)
+                    bar.update(len(batches[index]))
+                    run.progress(**counts)
+            bar.close()
+        run.counts.update(counts)
+    return counts
+
+
+def _load(store, key, batch):
+    """Fetch one batch's bytes; take vectors of content already featurized instead."""
+    reused = store.vectors_by_sha(key, {sha for _, _, sha in batch})
+    todo = [(i, p, s) for i, p, s in batch if s not in reused]
+    data = store.image_data([i for i, _, _ in todo]) if todo else {}
+    return [(i, s, reused[s]) for i, _, s in batch if s in reused], todo, data
+
+
+def _decode(featurizer, loaded):
+    reused_rows, todo, data = loaded
+    return reused_rows, [(i, p, s, featurizer.prepare(data[i])) for i, p, s in todo]
+
+
+def _embed_and_store(store, featurizer, key, decoded, run, counts):
+    reused_rows, arrays = decoded
+    good = [(i, s, a) for i, _, s, a in arrays if not isinstance(a, ImageError)]
+    errors = [{"run_id": run.id, "image_id": i, "path": p, "sha256": s, "step": STEP,
+               "reason": str(a)} for i, p, s, a in arrays if isinstance(a, ImageError)]
+    rows = list(reused_rows)
+    if good:
+        vectors = featurizer.run(np.stack([a for _, _, a in good]))
+        rows += [(i, s, to_blob(v)) for (i, s, _), v in zip(good, vectors)]
+    with store.transaction():
+        store.put_features(key, rows)
+        store.add_image_errors(errors)
+    counts["featurized"] += len(good)
+    counts["reused"] += len(reused_rows)
+    counts["failed"] += len(errors)

@@ -1,0 +1,104 @@
+"""Image decoding and the one preprocessing used everywhere.
+
+Preprocessing, the same for every backbone, step and compute context:
+
+1. decode with Pillow; refuse images over ``MAX_PIXELS`` before decoding pixels;
+2. apply the EXIF orientation;
+3. convert to 8-bit RGB: transparency (RGBA, LA, palette with transparency) is
+   composited on white, 16-bit and 32-bit grayscale is scaled to 8 bits, CMYK and
+   YCbCr are converted by Pillow;
+4. resize so the shorter side is 224 px (bilinear, antialiased), then crop the
+   central 224 x 224 square;
+5. normalise per channel, ``(x - mean) / std``, with the backbone's constants,
+   and lay out as channels-first float32.
+
+Anything Pillow cannot decode raises :class:`ImageError` with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 40_000_000
+SIZE = 224
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message is the reason recorded in image_errors."""
+
+
+def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode ``data`` to an 8-bit RGB image, or raise ImageError saying why not."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"{width}x{height} pixels is over the limit of {max_pixels}")
+            image.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot decode: {exc}") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not lose an otherwise good image
+        pass
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (transparency on white, 16-bit scaled)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = float(array.max()) if array.size else 0.0
+        if image.mode.startswith("I;16"):
+            top = 65535.0
+        else:
+            top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        gray = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def center_square(image: Image.Image, size: int = SIZE) -> Image.Image:
+    """Resize the shorter side to ``size`` and crop the central square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new = (max(size, round(width * scale)), max(size, round(height * scale)))
+    image = image.resize(new, Image.BILINEAR, reducing_gap=3.0)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess(data: bytes, mean, std, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes of one image to a normalised ``(3, 224, 224)`` float32 array."""
+    array = np.asarray(center_square(load_rgb(data, max_pixels)), dtype=np.float32)
+    array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def thumbnail(data: bytes, size: int = 96) -> bytes:
+    """A small JPEG of the image for reports."""
+    image = center_square(load_rgb(data), size)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=80)
+    return out.getvalue()

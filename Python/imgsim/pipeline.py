@@ -1,0 +1,48 @@
+"""run_image_similarity: every step in order, as the template's main procedure."""
+
+from __future__ import annotations
+
+from . import checks
+from .backbones import DEFAULT_BACKBONE, SPECS
+from .evaluate import DEFAULT_KS, SPACES, evaluate_model
+from .featurize import featurize_images
+from .prepare import DEFAULT_SEED, prepare_data
+from .rank import rank_candidates
+from .sync import sync_image_folder
+from .train import KINDS, train_classifier
+
+
+def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKBONE,
+                         weights=None, ratio_train_test: float = 0.75,
+                         max_query_imgs_per_subdir: int = 20,
+                         max_neg_imgs_per_query_img: int = 100, top_k_candidates: int = 10,
+                         ks=DEFAULT_KS, kind: str = "mlp", space: str = "scores",
+                         seed: int = DEFAULT_SEED, chart_path=None,
+                         progress: bool = True) -> dict:
+    """Sync (when ``image_folder`` is given), featurize, prepare, train, evaluate, rank.
+
+    Every parameter is checked before any step runs. Returns each step's result
+    under its name.
+    """
+    checks.choice("backbone", backbone, sorted(SPECS))
+    checks.ratio("ratio_train_test", ratio_train_test)
+    checks.count("max_query_imgs_per_subdir", max_query_imgs_per_subdir, 1)
+    checks.count("max_neg_imgs_per_query_img", max_neg_imgs_per_query_img, 0)
+    checks.count("top_k_candidates", top_k_candidates, 1)
+    checks.ks("ks", ks)
+    checks.choice("kind", kind, KINDS)
+    checks.choice("space", space, SPACES)
+    checks.count("seed", seed, 0)
+    if backbone == "resnet18" and weights is None:
+        raise checks.ParameterError("backbone resnet18 needs weights=PATH")
+    results = {}
+    if image_folder is not None:
+        results["sync"] = sync_image_folder(store, image_folder, progress=progress)
+    results["featurize"] = featurize_images(store, backbone, weights, progress=progress)
+    results["prepare"] = prepare_data(store, backbone, weights, ratio_train_test,
+                                      max_query_imgs_per_subdir, max_neg_imgs_per_query_img,
+                                      seed)
+    results["train"] = train_classifier(store, backbone, weights, kind, seed)
+    results["evaluate"] = evaluate_model(store, ks, space, backbone, weights, chart_path)
+    results["rank"] = rank_candidates(store, top_k_candidates, space, False, backbone, weights)
+    return results

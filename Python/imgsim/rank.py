@@ -1,0 +1,104 @@
+"""rank_candidates: the top-k most similar candidates of each query image.
+
+Similarity is cosine, computed one block of queries at a time as a single matrix
+product against all (unit-normalised) candidates, followed by a partial sort
+(``argpartition``) of each row; ties are broken by candidate id. The query itself
+is excluded unless ``include_self``. The ranking space is the classifier's score
+vectors (the template's) or the backbone features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import checks
+from .backbones import DEFAULT_BACKBONE
+from .featurize import feature_key
+from .runs import recorded
+
+SPACES = ("scores", "features")
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(matrix, np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms == 0, 1.0, norms)
+
+
+def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None,
+                 block: int = 1024):
+    """Top-``k`` candidates of each query by cosine distance.
+
+    When both id arrays are given, a candidate with the query's own id is excluded.
+    Returns ``(indices, distances)``, both ``(n_queries, min(k, n))``, best first;
+    indices are rows of ``candidates``.
+
+    Example
+    -------
+    >>> idx, dist = top_k_cosine([[1, 0]], [[0, 1], [1, 0.1]], k=1)
+    >>> idx.tolist()
+    [[1]]
+    """
+    q, c = unit_rows(queries), unit_rows(candidates)
+    exclude = query_ids is not None and candidate_ids is not None
+    k = min(k, len(c) - (1 if exclude else 0))
+    if k <= 0 or len(q) == 0:
+        return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
+    if exclude:
+        candidate_ids = np.asarray(candidate_ids)
+        query_ids = np.asarray(query_ids)
+    indices = np.empty((len(q), k), np.int64)
+    distances = np.empty((len(q), k), np.float32)
+    order_ids = np.arange(len(c))
+    for start in range(0, len(q), block):
+        sims = q[start:start + block] @ c.T
+        if exclude:
+            sims[query_ids[start:start + block, None] == candidate_ids[None, :]] = -np.inf
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        part_sims = np.take_along_axis(sims, part, axis=1)
+        order = np.lexsort((order_ids[part], -part_sims), axis=1)
+        best = np.take_along_axis(part, order, axis=1)
+        indices[start:start + block] = best
+        distances[start:start + block] = 1.0 - np.take_along_axis(sims, best, axis=1)
+    return indices, distances
+
+
+def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
+                    include_self: bool = False, backbone: str = DEFAULT_BACKBONE,
+                    weights=None) -> dict:
+    """Rank every scored (or featurized) image as a candidate for each query image.
+
+    Queries come from query_images, or the testing images when it is empty. The
+    results go to ranking_results under this run's id.
+
+    Example
+    -------
+    >>> rank_candidates(store, top_k_candidates=5)  # doctest: +SKIP
+    {'run_id': 9, 'queries': 88, 'candidates': 352, 'rows': 440}
+    """
+    top_k = checks.count("top_k_candidates", top_k_candidates, 1)
+    checks.choice("space", space, SPACES)
+    params = {"top_k_candidates": top_k, "space": space, "include_self": bool(include_self)}
+    if space == "features":
+        params["feature_key"] = feature_key(backbone, weights)
+    with recorded(store, "rank", params) as run:
+        if space == "scores":
+            ids, _, _, matrix = store.score_matrix()
+        else:
+            ids, _, matrix = store.feature_matrix(params["feature_key"])
+        if len(ids) == 0:
+            raise ValueError(f"no image has {space}: run train (or featurize) first")
+        row_of = {i: n for n, i in enumerate(ids.tolist())}
+        query_ids = [i for i in store.query_ids() if i in row_of]
+        if not query_ids:
+            raise ValueError("no query image has a vector: fill query_images or run prepare")
+        queries = matrix[[row_of[i] for i in query_ids]]
+        indices, distances = top_k_cosine(
+            queries, matrix, top_k, None if include_self else np.array(query_ids),
+            None if include_self else ids)
+        rows = [(q, r + 1, int(ids[c]), float(d)) for q, idx, dist in
+                zip(query_ids, indices, distances) for r, (c, d) in enumerate(zip(idx, dist))]
+        with store.transaction():
+            store.add_ranking_results(run.id, rows)
+        run.counts.update(queries=len(query_ids), candidates=len(ids), rows=len(rows))
+    return {"run_id": run.id, **run.counts}

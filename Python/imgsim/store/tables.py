@@ -1,0 +1,128 @@
+"""The imgsim tables, defined once with SQLAlchemy Core.
+
+They live in schema ``imgsim`` on PostgreSQL; on SQLite the schema is translated
+away (``schema_translate_map``) so the same definitions serve both. Vectors are
+float32 little-endian bytes; parameters and counts are JSON.
+"""
+
+from sqlalchemy import (JSON, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer,
+                        LargeBinary, MetaData, String, Table, Text)
+
+SCHEMA = "imgsim"
+metadata = MetaData(schema=SCHEMA)
+
+runs = Table(
+    "runs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("step", String(40), nullable=False),
+    Column("parameters", JSON, nullable=False),
+    Column("seed", Integer),
+    Column("started", DateTime(timezone=True), nullable=False),
+    Column("finished", DateTime(timezone=True)),
+    Column("status", String(20), nullable=False),  # running, succeeded, failed
+    Column("counts", JSON),
+    Column("error", Text),
+)
+
+images = Table(
+    "images", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("path", Text, nullable=False, unique=True),
+    Column("category", Text, nullable=False),
+    Column("sha256", String(64), nullable=False, index=True),
+    Column("size_bytes", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("added", DateTime(timezone=True), nullable=False),
+)
+
+image_errors = Table(
+    "image_errors", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, ForeignKey("imgsim.runs.id", ondelete="SET NULL")),
+    Column("image_id", Integer, ForeignKey("imgsim.images.id", ondelete="CASCADE")),
+    Column("path", Text, nullable=False),
+    Column("sha256", String(64)),
+    Column("step", String(40), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+features = Table(
+    "features", metadata,
+    Column("image_id", Integer, ForeignKey("imgsim.images.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("backbone", String(80), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+)
+Index("features_backbone_sha256", features.c.backbone, features.c.sha256)
+
+training_images = Table(
+    "training_images", metadata,
+    Column("image_id", Integer, ForeignKey("imgsim.images.id", ondelete="CASCADE"),
+           primary_key=True),
+)
+
+testing_images = Table(
+    "testing_images", metadata,
+    Column("image_id", Integer, ForeignKey("imgsim.images.id", ondelete="CASCADE"),
+           primary_key=True),
+)
+
+evaluation_images = Table(
+    "evaluation_images", metadata,
+    Column("query_id", Integer, ForeignKey("imgsim.images.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("candidate_id", Integer, ForeignKey("imgsim.images.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("is_positive", Boolean, nullable=False),
+)
+
+models = Table(
+    "models", metadata,
+    Column("name", String(200), primary_key=True),
+    Column("kind", String(40), nullable=False),  # backbone, classifier
+    Column("format", String(20), nullable=False),  # onnx
+    Column("data", LargeBinary, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("created", DateTime(timezone=True), nullable=False),
+)
+
+scores = Table(
+    "scores", metadata,
+    Column("image_id", Integer, ForeignKey("imgsim.images.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("model", String(200), nullable=False),
+    Column("label", Text, nullable=False),
+    Column("predicted_label", Text, nullable=False),
+    Column("score", LargeBinary, nullable=False),
+)
+
+query_images = Table(
+    "query_images", metadata,
+    Column("image_id", Integer, ForeignKey("imgsim.images.id", ondelete="CASCADE"),
+           primary_key=True),
+)
+
+ranking_results = Table(
+    "ranking_results", metadata,
+    Column("run_id", Integer, ForeignKey("imgsim.runs.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("query_id", Integer, ForeignKey("imgsim.images.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("rank", Integer, primary_key=True),
+    Column("candidate_id", Integer, ForeignKey("imgsim.images.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("distance", Float, nullable=False),
+)
+
+ranking_metrics = Table(
+    "ranking_metrics", metadata,
+    Column("run_id", Integer, ForeignKey("imgsim.runs.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("distance", String(20), primary_key=True),
+    Column("k", Integer, primary_key=True),
+    Column("accuracy", Float, nullable=False),
+    Column("mean_rank", Float, nullable=False),
+    Column("median_rank", Float, nullable=False),
+)
