@@ -14,7 +14,7 @@ of the weights it loads, so that no model hub and no torchvision is needed:
     a torchvision-format state_dict file the user names (``weights=``);
     512-dimensional features; ImageNet mean and standard deviation.
 
-The exported ONNX graph takes a float32 batch ``(N, 3, 224, 224)`` already
+The exported ONNX graph takes a float32 batch ``(N, 3, 288, 288)`` already
 normalised (see :mod:`imgsim.images`) and returns the global-average-pooled
 output of the last convolutional stage, ``(N, dim)``. Torch is only needed to
 export; running the graph needs ONNX Runtime alone.
@@ -29,9 +29,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .images import SIZE as INPUT_SIZE
+
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-INPUT_SIZE = 224
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,10 @@ def cache_dir() -> Path:
 
 
 def feature_key(backbone: str, weights=None) -> str:
-    """The name features and the exported graph are kept under: backbone and weights hash."""
+    """The name features and the exported graph are kept under: backbone, input size and
+    weights hash (so new weights or new preprocessing never mix with old features)."""
     digest = backbones.file_sha256(backbones.weights_path(backbone, weights))
-    return f"{backbone}@{digest[:12]}"
+    return f"{backbone}-{backbones.INPUT_SIZE}@{digest[:12]}"
 
 
 def backbone_graph(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=None):

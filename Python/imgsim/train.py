@@ -2,10 +2,12 @@
 
 ``kind='mlp'`` mirrors the template's rx_neural_network: one hidden layer of 100
 units. The optimiser settings are scikit-learn's Adam (learning rate 1e-3, batch
-200) with ReLU units, L2 penalty ``alpha=1e-3`` and at most 300 epochs, on
-standardised features: Adam needs no learning-rate schedule tuned per data set,
-which the template's plain SGD did, and reaches the template's accuracy on the
-reference set in seconds on two cores. ``kind='logistic'`` is multinomial logistic
+200) with ReLU units, at most 1000 epochs (214 on the reference set), on standardised features, with a strong
+L2 penalty ``alpha=1.0``. Adam needs no learning-rate schedule tuned per data set,
+which the template's plain SGD did, and trains in seconds on two cores. The strong
+penalty matters for ranking: with a weak one (1e-3) the network saturates its
+probabilities on the training images and the score vectors rank worse (reference
+set, 3 seeds: cosine top-32 88.2% against 90.8%, test accuracy 75.5% against 76.4%). ``kind='logistic'`` is multinomial logistic
 regression. The fitted pipeline is converted with skl2onnx and stored in the models
 table; every image is then scored by ONNX Runtime from those stored bytes (so the
 scores are what any later reader of the model gets) into the scores table: its
@@ -36,7 +38,7 @@ def make_classifier(kind: str = "mlp", seed: int = DEFAULT_SEED):
     checks.choice("kind", kind, KINDS)
     if kind == "mlp":
         model = MLPClassifier(hidden_layer_sizes=(100,), activation="relu", solver="adam",
-                              alpha=1e-3, learning_rate_init=1e-3, max_iter=300,
+                              alpha=1.0, learning_rate_init=1e-3, max_iter=1000,
                               random_state=seed)
     else:
         model = LogisticRegression(C=0.1, max_iter=2000)

@@ -1,0 +1,95 @@
+"""Shared fixtures: a small generated texture set (with bad files) and a database
+that has run the whole pipeline once, copied for tests that change it."""
+
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "Data"))
+
+import generate_textures  # noqa: E402
+
+PER_CATEGORY = 10
+BAD_FILES = {
+    "striped/truncated.jpg": "cannot decode",
+    "striped/not_an_image.jpg": "not an image",
+    "dotted/empty.png": "empty file",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """Keep exported graphs in a throwaway cache, so tests exercise the export."""
+    cache = tmp_path_factory.mktemp("onnx_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("IMGSIM_CACHE", str(cache))
+    yield cache
+    patch.undo()
+
+
+def add_odd_files(folder: Path) -> None:
+    """Bad files that must be recorded, and odd modes that must be converted."""
+    good = (folder / "striped" / "striped_000.jpg").read_bytes()
+    (folder / "striped" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (folder / "striped" / "not_an_image.jpg").write_text("this is not an image")
+    (folder / "dotted" / "empty.png").write_bytes(b"")
+    dotted = Image.open(folder / "dotted" / "dotted_001.jpg")
+    dotted.convert("RGBA").save(folder / "dotted" / "rgba.png")
+    dotted.convert("P").save(folder / "dotted" / "palette.png")
+    dotted.convert("CMYK").save(folder / "dotted" / "cmyk.jpg")
+    gray16 = (np.asarray(dotted.convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(gray16).save(folder / "dotted" / "gray16.png")
+
+
+@pytest.fixture(scope="session")
+def texture_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("textures")
+    generate_textures.generate(folder, per_category=PER_CATEGORY, size=128, seed=3)
+    add_odd_files(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pipeline_db(tmp_path_factory, texture_folder):
+    """A SQLite file on which run_image_similarity has run once, and its results."""
+    from imgsim import open_store, run_image_similarity
+
+    path = tmp_path_factory.mktemp("db") / "pipeline.db"
+    store = open_store(f"sqlite:///{path}")
+    results = run_image_similarity(store, texture_folder, max_query_imgs_per_subdir=5,
+                                   max_neg_imgs_per_query_img=20, seed=1, progress=False)
+    store.close()
+    return path, results
+
+
+@pytest.fixture
+def pipeline_store(pipeline_db, tmp_path):
+    """A private copy of the pipeline database."""
+    from imgsim import open_store
+
+    copy = tmp_path / "copy.db"
+    shutil.copy(pipeline_db[0], copy)
+    store = open_store(f"sqlite:///{copy}")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def empty_store(tmp_path):
+    from imgsim import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'empty.db'}")
+    yield store
+    store.close()
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG")
+    return out.getvalue()

@@ -1,0 +1,139 @@
+"""End to end on the generated texture set: real weights, real ONNX Runtime, SQLite."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from sqlalchemy import func, select
+
+from conftest import BAD_FILES, PER_CATEGORY
+from imgsim import (ParameterError, featurize_images, prepare_data, rank_candidates,
+                    run_image_similarity, sync_image_folder, train_classifier, write_report)
+from imgsim.store import tables as t
+
+N_CATEGORIES = 11
+
+
+def count(store, table):
+    return store._fetch(select(func.count()).select_from(table))[0][0]
+
+
+def test_bad_files_are_recorded_and_nothing_else_is_lost(pipeline_store):
+    errors = {path: (step, reason) for path, step, reason, _ in pipeline_store.image_error_rows()}
+    assert set(errors) == set(BAD_FILES)
+    for path, reason in BAD_FILES.items():
+        assert errors[path][0] == "featurize" and reason in errors[path][1]
+    total = N_CATEGORIES * PER_CATEGORY + 4 + len(BAD_FILES)  # 4 odd-mode files convert
+    assert count(pipeline_store, t.images) == total
+    assert count(pipeline_store, t.features) == total - len(BAD_FILES)
+
+
+def test_classifier_scores_well_above_chance(pipeline_db):
+    train = pipeline_db[1]["train"]
+    assert len(train["classes"]) == N_CATEGORIES
+    assert train["test_accuracy"] > 0.6  # chance is 1/11
+    assert train["train_accuracy"] >= train["test_accuracy"]
+
+
+def test_ranking_puts_the_positive_first_for_easy_pairs(pipeline_db):
+    metrics = {(m["distance"], m["k"]): m["accuracy"] for m in pipeline_db[1]["evaluate"]}
+    assert metrics["cosine", 1] > 0.5
+    assert metrics["l2", 1] > 0.5
+    assert metrics["cosine", 32] >= metrics["cosine", 10] >= metrics["cosine", 1]
+
+
+def test_stored_classifier_reproduces_the_scores_table(pipeline_store):
+    run = pipeline_store.last_run("train")
+    graph, metadata = pipeline_store.load_model(run[2]["model"])
+    ids, labels, predicted, scores = pipeline_store.score_matrix()
+    _, _, features = pipeline_store.feature_matrix(metadata["feature_key"], ids)
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    got_labels, got_scores = session.run(None, {"features": features})
+    assert list(got_labels) == predicted
+    assert np.allclose(got_scores, scores, atol=1e-6)
+    assert scores.shape == (len(ids), len(metadata["classes"]))
+    assert np.allclose(scores.sum(axis=1), 1, atol=1e-4)
+
+
+def test_ranking_results_exclude_the_query_and_are_sorted(pipeline_store):
+    run_id = pipeline_store.last_run("rank")[0]
+    rows = pipeline_store.ranking_rows(run_id)
+    queries = {r[0] for r in rows}
+    assert queries == set(pipeline_store.split()[1])
+    for q in queries:
+        mine = [r for r in rows if r[0] == q]
+        assert [r[1] for r in mine] == list(range(1, 11))
+        assert all(r[2] != q for r in mine)
+        assert [r[3] for r in mine] == sorted(r[3] for r in mine)
+
+
+def test_every_step_is_recorded_with_parameters_and_seed(pipeline_store):
+    steps = {r[1]: r for r in pipeline_store.run_rows()}
+    assert set(steps) == {"sync", "featurize", "prepare", "train", "evaluate", "rank"}
+    assert all(r[2] == "succeeded" and r[4] is not None for r in steps.values())
+    assert steps["prepare"][5] == 1
+    assert steps["prepare"][6]["max_query_imgs_per_subdir"] == 5
+    assert steps["featurize"][7]["failed"] == len(BAD_FILES)
+
+
+def test_featurize_is_incremental_by_content(pipeline_store, texture_folder, tmp_path):
+    again = featurize_images(pipeline_store, progress=False)
+    assert again["featurized"] == 0 and again["pending"] == 0  # bad content is not retried
+    # A copy of a known image under a new path reuses its vector.
+    folder = tmp_path / "more"
+    (folder / "zebra").mkdir(parents=True)
+    (folder / "zebra" / "copy.jpg").write_bytes(
+        (texture_folder / "zebra" / "zebra_000.jpg").read_bytes())
+    sync_image_folder(pipeline_store, folder, progress=False)
+    assert featurize_images(pipeline_store, progress=False) == {
+        "pending": 1, "featurized": 0, "reused": 1, "failed": 0}
+
+
+def test_changed_file_is_synced_and_featurized_again(pipeline_store, texture_folder, tmp_path):
+    folder = tmp_path / "changed"
+    (folder / "zebra").mkdir(parents=True)
+    target = folder / "zebra" / "zebra_new.jpg"
+    target.write_bytes((texture_folder / "zebra" / "zebra_000.jpg").read_bytes())
+    assert sync_image_folder(pipeline_store, folder, progress=False)["unchanged"] == 0
+    assert sync_image_folder(pipeline_store, folder, progress=False)["unchanged"] == 1
+    target.write_bytes((texture_folder / "zebra" / "zebra_001.jpg").read_bytes())
+    assert sync_image_folder(pipeline_store, folder, progress=False)["changed"] == 1
+    assert featurize_images(pipeline_store, progress=False)["reused"] == 1
+
+
+@pytest.mark.parametrize("bad", [
+    {"ratio_train_test": 1.0}, {"ratio_train_test": 0}, {"max_query_imgs_per_subdir": 0},
+    {"max_neg_imgs_per_query_img": -1}, {"top_k_candidates": 0}, {"backbone": "vgg16"},
+    {"kind": "forest"}, {"ks": [0, 5]}, {"space": "pixels"}, {"seed": -3},
+])
+def test_bad_parameters_are_refused_before_any_table_is_touched(empty_store, texture_folder,
+                                                                bad):
+    with pytest.raises(ParameterError):
+        run_image_similarity(empty_store, texture_folder, progress=False, **bad)
+    assert count(empty_store, t.runs) == 0 and count(empty_store, t.images) == 0
+
+
+def test_a_failed_step_is_recorded_and_keeps_the_previous_results(pipeline_store):
+    before = pipeline_store.split()
+    with pytest.raises(ValueError, match="has 1 test image"):
+        prepare_data(pipeline_store, max_query_imgs_per_subdir=5, ratio_train_test=0.95)
+    assert pipeline_store.split() == before
+    failed = pipeline_store.run_rows("prepare")[0]
+    assert failed[2] == "failed" and "has 1 test image" in failed[8]
+
+
+def test_logistic_classifier_and_feature_space_ranking(pipeline_store):
+    result = train_classifier(pipeline_store, kind="logistic", seed=2)
+    assert result["model"].startswith("logistic@") and result["test_accuracy"] > 0.6
+    ranked = rank_candidates(pipeline_store, top_k_candidates=3, space="features",
+                             include_self=True)
+    rows = pipeline_store.ranking_rows(ranked["run_id"])
+    firsts = [r for r in rows if r[1] == 1]
+    assert all(r[0] == r[2] for r in firsts)  # each query is its own nearest neighbour
+
+
+def test_report_is_self_contained_html(pipeline_store, tmp_path):
+    html = write_report(pipeline_store, tmp_path / "r.html").read_text()
+    assert "Confusion matrix" in html and "data:image/png;base64" in html
+    assert html.count("data:image/jpeg;base64") >= 8 * 11  # 8 queries with 10 candidates
+    for path in BAD_FILES:
+        assert path in html

@@ -1,0 +1,37 @@
+import numpy as np
+
+from imgsim.rank import top_k_cosine
+
+
+def brute_force(q, c, k):
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    cn = c / np.linalg.norm(c, axis=1, keepdims=True)
+    d = 1 - qn @ cn.T
+    return np.argsort(d, axis=1, kind="stable")[:, :k], np.sort(d, axis=1)[:, :k]
+
+
+def test_matches_a_full_sort_across_blocks():
+    rng = np.random.default_rng(0)
+    q, c = rng.normal(size=(37, 16)), rng.normal(size=(200, 16))
+    idx, dist = top_k_cosine(q, c, 10, block=8)
+    want_idx, want_dist = brute_force(q, c, 10)
+    assert np.array_equal(idx, want_idx)
+    assert np.allclose(dist, want_dist, atol=1e-5)
+
+
+def test_excludes_the_query_itself_unless_asked():
+    rng = np.random.default_rng(1)
+    c = rng.normal(size=(30, 8))
+    ids = np.arange(500, 530)
+    idx, _ = top_k_cosine(c[:5], c, 3, query_ids=ids[:5], candidate_ids=ids)
+    assert all(q not in row for q, row in zip(range(5), idx))
+    idx_self, dist_self = top_k_cosine(c[:5], c, 3)
+    assert idx_self[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert np.allclose(dist_self[:, 0], 0, atol=1e-6)
+
+
+def test_ties_break_by_candidate_order_and_k_is_capped():
+    c = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    idx, dist = top_k_cosine([[1.0, 0.0]], c, 10)
+    assert idx.tolist() == [[0, 1, 2]]
+    assert np.allclose(dist, [[0, 0, 1]], atol=1e-6)
