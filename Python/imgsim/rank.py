@@ -9,6 +9,8 @@ vectors (the template's) or the backbone features.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from . import checks
@@ -65,10 +67,11 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
 
 def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
                     include_self: bool = False, backbone: str = DEFAULT_BACKBONE,
-                    weights=None) -> dict:
+                    weights=None, query_table: str = "query_images") -> dict:
     """Rank every scored (or featurized) image as a candidate for each query image.
 
-    Queries come from query_images, or the testing images when it is empty. The
+    Queries come from ``query_table`` (a table of schema imgsim with an ``image_id``
+    column; by default query_images, or the testing images when it is empty). The
     results go to ranking_results under this run's id.
 
     Example
@@ -78,7 +81,9 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
     """
     top_k = checks.count("top_k_candidates", top_k_candidates, 1)
     checks.choice("space", space, SPACES)
-    params = {"top_k_candidates": top_k, "space": space, "include_self": bool(include_self)}
+    checks.identifier("query_table", query_table)
+    params = {"top_k_candidates": top_k, "space": space, "include_self": bool(include_self),
+              "query_table": query_table}
     if space == "features":
         params["feature_key"] = feature_key(backbone, weights)
     with recorded(store, "rank", params) as run:
@@ -89,7 +94,7 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
         if len(ids) == 0:
             raise ValueError(f"no image has {space}: run train (or featurize) first")
         row_of = {i: n for n, i in enumerate(ids.tolist())}
-        query_ids = [i for i in store.query_ids() if i in row_of]
+        query_ids = [i for i in store.query_ids(query_table) if i in row_of]
         if not query_ids:
             raise ValueError("no query image has a vector: fill query_images or run prepare")
         queries = matrix[[row_of[i] for i in query_ids]]
@@ -102,3 +107,61 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
             store.add_ranking_results(run.id, rows)
         run.counts.update(queries=len(query_ids), candidates=len(ids), rows=len(rows))
     return {"run_id": run.id, **run.counts}
+
+
+_SESSIONS: dict = {}
+
+
+def _cached(kind, name, graph, build):
+    """ONNX sessions kept per process (a server backend keeps them between calls)."""
+    key = (kind, name, hashlib.sha256(graph).hexdigest())
+    if key not in _SESSIONS:
+        _SESSIONS[key] = build()
+    return _SESSIONS[key]
+
+
+def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> list[tuple]:
+    """The ``k`` stored images most similar to a new ``image`` (bytes), by cosine distance.
+
+    The image is featurized with the backbone the current classifier was trained on and
+    scored by that classifier, then ranked against every scored (or featurized) image.
+    Returns ``(image_id, path, category, distance)`` rows, nearest first.
+
+    Example
+    -------
+    >>> similar_images(store, open("shirt.jpg", "rb").read(), k=3)  # doctest: +SKIP
+    [(17, 'striped/s1.jpg', 'striped', 0.0004), ...]
+    """
+    from .featurize import Featurizer
+    from .train import Classifier
+
+    k = checks.count("k", k, 1)
+    checks.choice("space", space, SPACES)
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise checks.ParameterError("image must be the bytes of an image file")
+    with recorded(store, "similar_images", {"k": k, "space": space, "bytes": len(image)}) as run:
+        train = store.last_run("train")
+        if train is None:
+            raise ValueError("no classifier has been trained: run train first")
+        model_name = train[2]["model"]
+        graph, meta = store.load_model(model_name)
+        key = meta["feature_key"]
+        backbone = store.load_model(key)
+        if backbone is None:
+            raise ValueError(f"backbone graph {key} is not in the models table: featurize first")
+        featurizer = _cached("backbone", key, backbone[0],
+                             lambda: Featurizer(backbone[0], meta["backbone"]))
+        vector = featurizer.embed(bytes(image))
+        if space == "scores":
+            classifier = _cached("classifier", model_name, graph,
+                                 lambda: Classifier(graph, meta["classes"]))
+            vector = classifier.predict(vector[None])[1][0]
+            ids, _, _, matrix = store.score_matrix()
+        else:
+            ids, _, matrix = store.feature_matrix(key)
+        indices, distances = top_k_cosine(vector[None], matrix, k)
+        found = [int(ids[i]) for i in indices[0]]
+        info = {i: (p, c) for i, p, c, _ in store.image_info(found)}
+        rows = [(i, info[i][0], info[i][1], float(d)) for i, d in zip(found, distances[0])]
+        run.counts.update(candidates=len(ids), returned=len(rows))
+    return rows

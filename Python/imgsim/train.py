@@ -89,7 +89,8 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
     checks.choice("kind", kind, KINDS)
     checks.count("seed", seed, 0)
     key = feature_key(backbone, weights)
-    params = {"backbone": backbone, "feature_key": key, "kind": kind}
+    params = {"backbone": backbone, "weights": str(weights) if weights else None,
+              "feature_key": key, "kind": kind}
     with recorded(store, "train", params, seed) as run:
         ids, categories, matrix = store.feature_matrix(key)
         train_ids, test_ids = store.split()
@@ -106,9 +107,7 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
         pipeline.fit(matrix[train_rows], labels[train_rows].astype(str))
         graph = to_onnx(pipeline, matrix.shape[1])
         name = f"{kind}@{key}"
-        classifier = Classifier(graph, classes)
-        predicted, probabilities = classifier.predict(matrix)
-        predicted = np.array(predicted, dtype=object)
+        predicted = np.array(Classifier(graph, classes).predict(matrix)[0], dtype=object)
         train_acc = float(np.mean(predicted[train_rows] == labels[train_rows]))
         test_acc = float(np.mean(predicted[test_rows] == labels[test_rows])) if test_rows else None
         metadata = {"kind": kind, "feature_key": key, "backbone": backbone, "classes": classes,
@@ -116,10 +115,32 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
                     "train_images": len(train_rows), "test_images": len(test_rows)}
         with store.transaction():
             store.save_model(name, "classifier", graph, metadata)
-            store.replace_scores(name, [
-                (int(i), lab, pred, to_blob(p))
-                for i, lab, pred, p in zip(ids.tolist(), categories, predicted, probabilities)])
+            scored = _score_all(store, name, graph, metadata)
         run.counts.update(model=name, train_accuracy=train_acc, test_accuracy=test_acc,
-                          classes=len(classes), scored=len(ids))
+                          classes=len(classes), scored=scored)
     return {"model": name, "train_accuracy": train_acc, "test_accuracy": test_acc,
-            "classes": classes, "scored": len(ids)}
+            "classes": classes, "scored": scored}
+
+
+def _score_all(store, name: str, graph: bytes, metadata: dict) -> int:
+    """Replace the scores table with the scores of every featurized image."""
+    ids, categories, matrix = store.feature_matrix(metadata["feature_key"])
+    predicted, probabilities = Classifier(graph, metadata["classes"]).predict(matrix)
+    store.replace_scores(name, [
+        (int(i), lab, pred, to_blob(p))
+        for i, lab, pred, p in zip(ids.tolist(), categories, predicted, probabilities)])
+    return len(ids)
+
+
+def score_images(store) -> dict:
+    """Score every featurized image with the current classifier (no retraining): what the
+    scheduled refresh runs after featurizing new images."""
+    with recorded(store, "score", {}) as run:
+        train = store.last_run("train")
+        if train is None:
+            raise ValueError("no classifier has been trained: run train first")
+        name = train[2]["model"]
+        graph, metadata = store.load_model(name)
+        with store.transaction():
+            run.counts.update(model=name, scored=_score_all(store, name, graph, metadata))
+    return dict(run.counts)

@@ -12,8 +12,10 @@ import datetime as dt
 from contextlib import AbstractContextManager
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, not_, select, update
+from sqlalchemy import (Column, Integer, MetaData, Table, and_, delete, func, insert, not_,
+                        select, update)
 
+from .. import checks
 from . import tables as t
 
 VECTOR_DTYPE = np.dtype("<f4")
@@ -219,10 +221,21 @@ class Store:
                 [r[2] for r in rows], from_blobs([bytes(r[3]) for r in rows]))
 
     # -- ranking ------------------------------------------------------------------------
-    def query_ids(self) -> list[int]:
-        """Ids in query_images, or the testing images when it is empty."""
-        rows = self._fetch(select(t.query_images.c.image_id).order_by(t.query_images.c.image_id))
-        return [r[0] for r in rows] if rows else self.split()[1]
+    def query_ids(self, table_name: str = "query_images") -> list[int]:
+        """Ids in the ``image_id`` column of table ``table_name`` (schema imgsim); for the
+        default query_images, the testing images when it is empty.
+
+        The name is checked as a plain identifier and quoted by SQLAlchemy."""
+        checks.identifier("query_table", table_name)
+        table = Table(table_name, MetaData(schema=t.SCHEMA), Column("image_id", Integer))
+        try:
+            with self.transaction():
+                rows = self._fetch(select(table.c.image_id).order_by(table.c.image_id))
+        except Exception as exc:
+            raise ValueError(f"query_table {table_name!r} cannot be read as a table of "
+                             f"image_id in schema {t.SCHEMA}: {exc}") from None
+        ids = [int(r[0]) for r in rows]
+        return ids if ids or table_name != "query_images" else self.split()[1]
 
     def set_query_images(self, ids) -> None:
         with self.transaction():

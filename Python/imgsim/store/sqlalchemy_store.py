@@ -13,6 +13,14 @@ from .base import Store
 DEFAULT_URL = "sqlite:///imgsim.db"
 
 
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` URLs go through psycopg 3 (SQLAlchemy's default is psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
 class SQLAlchemyStore(Store):
     """A :class:`~imgsim.store.base.Store` over a SQLAlchemy engine.
 
@@ -24,7 +32,7 @@ class SQLAlchemyStore(Store):
     """
 
     def __init__(self, url: str = DEFAULT_URL):
-        self.url = url
+        self.url = url = sqlalchemy_url(url)
         engine = create_engine(url)
         self.dialect_name = engine.dialect.name
         if self.dialect_name == "sqlite":
