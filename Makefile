@@ -1,5 +1,7 @@
 # imgsim: `make demo` runs the whole pipeline on the embedded default (SQLite);
-# `make test` runs the test suite. Both set up what they need first.
+# `make test` runs the test suite, on a throwaway PostgreSQL 15 server too. Both set up
+# what they need first (`make test` installs PostgreSQL, PL/Python, pg_cron, pgvector
+# and the ODBC driver with apt when they are missing: it needs root or sudo).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -28,6 +30,7 @@ demo: $(STAMP) Data/textures
 	  --report out/imgsim_report.html --chart out/ranking_chart.png
 
 test: $(STAMP)
+	bash tests/install_postgres.sh
 	$(BIN)/python -m pytest
 
 clean:

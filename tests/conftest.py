@@ -2,8 +2,11 @@
 that has run the whole pipeline once, copied for tests that change it."""
 
 import io
+import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +96,40 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, "JPEG")
     return out.getvalue()
+
+
+# -- PostgreSQL ------------------------------------------------------------------------
+SERVER_VENV = Path(os.environ.get("IMGSIM_TEST_SERVER_VENV", "/tmp/imgsim-test-server-venv"))
+
+
+@pytest.fixture(scope="session")
+def pg_dsn():
+    """A real PostgreSQL 15 server: IMGSIM_TEST_DSN, or a throwaway cluster."""
+    if os.environ.get("IMGSIM_TEST_DSN"):
+        yield os.environ["IMGSIM_TEST_DSN"]
+        return
+    from pg_cluster import Cluster
+
+    cluster = Cluster()
+    yield cluster.dsn
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def deployed(pg_dsn):
+    """imgsim deployed into the test database (server-side environment kept between runs)."""
+    from imgsim.deploy import deploy
+
+    report = deploy(pg_dsn, server_venv=SERVER_VENV, log=lambda *a: None)
+    return pg_dsn, report
+
+
+@pytest.fixture(scope="session")
+def server_folder(texture_folder):
+    """The texture set where the server's OS user can read it."""
+    folder = Path(tempfile.mkdtemp(prefix="imgsim-images-"))
+    os.chmod(folder, 0o755)
+    shutil.copytree(texture_folder, folder, dirs_exist_ok=True)
+    subprocess.run(["chmod", "-R", "o+rX", str(folder)], check=True)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

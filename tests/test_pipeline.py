@@ -21,28 +21,28 @@ def test_bad_files_are_recorded_and_nothing_else_is_lost(pipeline_store):
     errors = {path: (step, reason) for path, step, reason, _ in pipeline_store.image_error_rows()}
     assert set(errors) == set(BAD_FILES)
     for path, reason in BAD_FILES.items():
-        assert errors[path][0] == "featurize" and reason in errors[path][1]
+        assert errors[path][0] == "featurize_images" and reason in errors[path][1]
     total = N_CATEGORIES * PER_CATEGORY + 4 + len(BAD_FILES)  # 4 odd-mode files convert
     assert count(pipeline_store, t.images) == total
     assert count(pipeline_store, t.features) == total - len(BAD_FILES)
 
 
 def test_classifier_scores_well_above_chance(pipeline_db):
-    train = pipeline_db[1]["train"]
+    train = pipeline_db[1]["train_classifier"]
     assert len(train["classes"]) == N_CATEGORIES
     assert train["test_accuracy"] > 0.6  # chance is 1/11
     assert train["train_accuracy"] >= train["test_accuracy"]
 
 
 def test_ranking_puts_the_positive_first_for_easy_pairs(pipeline_db):
-    metrics = {(m["distance"], m["k"]): m["accuracy"] for m in pipeline_db[1]["evaluate"]}
+    metrics = {(m["distance"], m["k"]): m["accuracy"] for m in pipeline_db[1]["evaluate_model"]}
     assert metrics["cosine", 1] > 0.5
     assert metrics["l2", 1] > 0.5
     assert metrics["cosine", 32] >= metrics["cosine", 10] >= metrics["cosine", 1]
 
 
 def test_stored_classifier_reproduces_the_scores_table(pipeline_store):
-    run = pipeline_store.last_run("train")
+    run = pipeline_store.last_run("train_classifier")
     graph, metadata = pipeline_store.load_model(run[2]["model"])
     ids, labels, predicted, scores = pipeline_store.score_matrix()
     _, _, features = pipeline_store.feature_matrix(metadata["feature_key"], ids)
@@ -55,7 +55,7 @@ def test_stored_classifier_reproduces_the_scores_table(pipeline_store):
 
 
 def test_ranking_results_exclude_the_query_and_are_sorted(pipeline_store):
-    run_id = pipeline_store.last_run("rank")[0]
+    run_id = pipeline_store.last_run("rank_candidates")[0]
     rows = pipeline_store.ranking_rows(run_id)
     queries = {r[0] for r in rows}
     assert queries == set(pipeline_store.split()[1])
@@ -68,11 +68,12 @@ def test_ranking_results_exclude_the_query_and_are_sorted(pipeline_store):
 
 def test_every_step_is_recorded_with_parameters_and_seed(pipeline_store):
     steps = {r[1]: r for r in pipeline_store.run_rows()}
-    assert set(steps) == {"sync", "featurize", "prepare", "train", "evaluate", "rank"}
+    assert set(steps) == {"sync_image_folder", "featurize_images", "prepare_data",
+                          "train_classifier", "evaluate_model", "rank_candidates"}
     assert all(r[2] == "succeeded" and r[4] is not None for r in steps.values())
-    assert steps["prepare"][5] == 1
-    assert steps["prepare"][6]["max_query_imgs_per_subdir"] == 5
-    assert steps["featurize"][7]["failed"] == len(BAD_FILES)
+    assert steps["prepare_data"][5] == 1
+    assert steps["prepare_data"][6]["max_query_imgs_per_subdir"] == 5
+    assert steps["featurize_images"][7]["failed"] == len(BAD_FILES)
 
 
 def test_featurize_is_incremental_by_content(pipeline_store, texture_folder, tmp_path):
@@ -117,7 +118,7 @@ def test_a_failed_step_is_recorded_and_keeps_the_previous_results(pipeline_store
     with pytest.raises(ValueError, match="has 1 test image"):
         prepare_data(pipeline_store, max_query_imgs_per_subdir=5, ratio_train_test=0.95)
     assert pipeline_store.split() == before
-    failed = pipeline_store.run_rows("prepare")[0]
+    failed = pipeline_store.run_rows("prepare_data")[0]
     assert failed[2] == "failed" and "has 1 test image" in failed[8]
 
 

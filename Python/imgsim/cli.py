@@ -6,12 +6,16 @@ import argparse
 import json
 import sys
 
+import psycopg
+from sqlalchemy.exc import DBAPIError
+
 from . import backbones
 from .checks import ParameterError
 from .evaluate import DEFAULT_KS, SPACES, evaluate_model
 from .featurize import featurize_images
 from .images import ImageError
-from .pipeline import run_image_similarity
+from .deploy import DEFAULT_SERVER_VENV, deploy, drop_jobs, list_jobs, schedule_job, undeploy
+from .pipeline import run_image_similarity, run_in_database
 from .prepare import DEFAULT_SEED, prepare_data
 from .rank import rank_candidates
 from .report import write_report
@@ -105,6 +109,31 @@ def build_parser() -> argparse.ArgumentParser:
     _rank_args(p)
     p.add_argument("--report", default="imgsim_report.html",
                    help="HTML report path (default: %(default)s)")
+    p.add_argument("--compute", choices=("local", "in-db"), default="local",
+                   help="local: the steps run here against --db; in-db: CALL the procedures "
+                        "deployed in the PostgreSQL database --db (FOLDER is then a path on "
+                        "the server) (default: %(default)s)")
+
+    p = sub.add_parser("deploy", help="install or upgrade imgsim inside PostgreSQL (--db)")
+    p.add_argument("--dsn", help="postgresql://user@host:port/db of a superuser (or give --db)")
+    p.add_argument("--server-venv", default=str(DEFAULT_SERVER_VENV),
+                   help="server-side Python environment (default: %(default)s)")
+    p.add_argument("--no-prepare-venv", action="store_true",
+                   help="take --server-venv as the DBA prepared it; do not install into it")
+    p.add_argument("--schedule", help="cron expression of the refresh job, e.g. '0 2 * * *'")
+    p.add_argument("--admin-role", default="imgsim_admin", help="owner role (default: %(default)s)")
+    p.add_argument("--analyst-role", default="imgsim_analyst",
+                   help="role that runs procedures and reads results (default: %(default)s)")
+
+    p = sub.add_parser("undeploy", help="remove schema imgsim, its data, job and roles (--db)")
+    p.add_argument("--dsn", help="postgresql://user@host:port/db of a superuser (or give --db)")
+    p.add_argument("--admin-role", default="imgsim_admin")
+    p.add_argument("--analyst-role", default="imgsim_analyst")
+
+    p = sub.add_parser("schedule", help="the pg_cron refresh job: list, drop, or set it")
+    p.add_argument("--dsn", help="postgresql://user@host:port/db of a superuser (or give --db)")
+    p.add_argument("action", choices=("list", "drop", "set"))
+    p.add_argument("cron", nargs="?", help="cron expression, for set")
 
     p = sub.add_parser("report", help="write the HTML report of the latest results")
     p.add_argument("--out", default="imgsim_report.html", help="path (default: %(default)s)")
@@ -112,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_results_table(store, train: dict, metrics: list[dict]) -> None:
-    top = {(m["distance"], m["k"]): m["accuracy"] for m in metrics}
+def _print_results_table(store) -> None:
+    train = store.last_run("train_classifier")[2]
+    metrics = store.metric_rows(store.last_run("evaluate_model")[0])
+    top = {(m[0], m[1]): m[2] for m in metrics}
     print(f"{'figure':<22}{'imgsim':>10}{'template':>10}")
     print(f"{'train accuracy':<22}{100 * train['train_accuracy']:>9.1f}%{89.7:>9.1f}%")
     if train["test_accuracy"] is not None:
@@ -123,12 +154,47 @@ def _print_results_table(store, train: dict, metrics: list[dict]) -> None:
             print(f"{'cosine top-' + str(k):<22}{100 * top['cosine', k]:>9.1f}%{template:>9.1f}%")
 
 
+def _database_command(args):
+    """deploy, undeploy and schedule: commands on a PostgreSQL database."""
+    dsn = args.dsn or args.db
+    if not dsn.startswith(("postgresql", "postgres:")):
+        raise ParameterError(f"{args.command} needs --dsn postgresql://...; got {dsn}")
+    if args.command == "deploy":
+        return deploy(dsn, args.server_venv, not args.no_prepare_venv, args.schedule,
+                      args.admin_role, args.analyst_role)
+    if args.command == "undeploy":
+        undeploy(dsn, args.admin_role, args.analyst_role)
+        return {"undeployed": dsn}
+    if args.action == "set":
+        if not args.cron:
+            raise ParameterError("schedule set needs a cron expression")
+        return schedule_job(dsn, args.cron)
+    if args.action == "drop":
+        return {"dropped": drop_jobs(dsn)}
+    return [dict(zip(("job", "name", "schedule", "command", "database", "active"), job))
+            for job in list_jobs(dsn)]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.quiet
     try:
+        if args.command in ("deploy", "undeploy", "schedule"):
+            print(json.dumps(_database_command(args), indent=2, default=str))
+            return 0
+        if args.command == "run" and args.compute == "in-db":
+            run_in_database(args.db, args.folder, backbone=args.backbone, weights=args.weights,
+                            ratio_train_test=args.ratio_train_test,
+                            max_query_imgs_per_subdir=args.max_query_imgs_per_subdir,
+                            max_neg_imgs_per_query_img=args.max_neg_imgs_per_query_img,
+                            top_k_candidates=args.top_k_candidates, ks=args.ks,
+                            kind=args.kind, space=args.space, seed=args.seed)
         store = open_store(args.db)
         weights = getattr(args, "weights", None)
+        if args.command == "run" and args.compute == "in-db":
+            _print_results_table(store)
+            print(f"report: {write_report(store, args.report).resolve()}")
+            return 0
         if args.command == "sync":
             result = sync_image_folder(store, args.folder, progress=progress)
         elif args.command == "featurize":
@@ -149,16 +215,16 @@ def main(argv=None) -> int:
         elif args.command == "report":
             result = {"report": str(write_report(store, args.out, args.sample_queries))}
         else:
-            results = run_image_similarity(
+            run_image_similarity(
                 store, args.folder, args.backbone, weights, args.ratio_train_test,
                 args.max_query_imgs_per_subdir, args.max_neg_imgs_per_query_img,
                 args.top_k_candidates, args.ks, args.kind, args.space, args.seed,
                 args.chart, progress)
-            path = write_report(store, args.report)
-            _print_results_table(store, results["train"], results["evaluate"])
-            print(f"report: {path.resolve()}")
+            _print_results_table(store)
+            print(f"report: {write_report(store, args.report).resolve()}")
             return 0
-    except (ParameterError, ValueError, FileNotFoundError, ImageError, RuntimeError) as exc:
+    except (ParameterError, ValueError, FileNotFoundError, ImageError, RuntimeError,
+            PermissionError, psycopg.Error, DBAPIError) as exc:
         print(f"imgsim: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))

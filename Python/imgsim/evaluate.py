@@ -110,7 +110,7 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
     params = {"ks": ks, "space": space}
     if space == "features":
         params["feature_key"] = feature_key(backbone or DEFAULT_BACKBONE, weights)
-    with recorded(store, "evaluate", params) as run:
+    with recorded(store, "evaluate_model", params) as run:
         pairs = np.array(store.evaluation_pairs(), dtype=np.int64).reshape(-1, 3)
         if len(pairs) == 0:
             raise ValueError("evaluation_images is empty: run prepare first")

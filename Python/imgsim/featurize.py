@@ -24,7 +24,7 @@ from .images import ImageError, preprocess
 from .runs import recorded
 from .store.base import to_blob
 
-STEP = "featurize"
+STEP = "featurize_images"
 
 
 def cache_dir() -> Path:

@@ -1,8 +1,8 @@
-"""Entry points of the stored procedures in ``SQLPy/procedures.sql``.
+"""Entry point of the routines in ``SQLPy/procedures.sql``.
 
-Each SQL procedure or function is a few lines of PL/Python that put the deployed
-environment on ``sys.path`` and call :func:`call` here with the step's name and its
-arguments; the step code is the package's own, running on a
+Each SQL routine ends in a few lines of PL/Python that put the deployed environment on
+``sys.path`` and call :func:`call` here with the step's name and its arguments; the
+step code is the package's own, running on a
 :class:`~imgsim.store.plpy_store.PlpyStore`. Errors reach the SQL caller as SQL
 errors: bad parameters with SQLSTATE 22023 (invalid_parameter_value).
 """
@@ -28,7 +28,7 @@ def _evaluate(store, **kw):
 def _refresh(store, top_k_candidates=10, space="scores"):
     """The scheduled job: featurize new images, re-score with the current classifier,
     rank again."""
-    train = store.last_run("train")
+    train = store.last_run("train_classifier")
     if train is None:
         raise ValueError("no classifier has been trained yet: nothing to refresh")
     backbone, weights = train[1]["backbone"], train[1].get("weights")
@@ -51,9 +51,9 @@ STEPS = {
 }
 
 
-def call(plpy, step: str, procedure: bool, **arguments):
-    """Run ``step`` inside the server. ``procedure``: called by CALL (may commit)."""
-    store = PlpyStore(plpy, can_commit=procedure)
+def call(plpy, step: str, **arguments):
+    """Run ``step`` inside the server with the non-NULL ``arguments``."""
+    store = PlpyStore(plpy)
     arguments = {k: v for k, v in arguments.items() if v is not None}
     if "ks" in arguments:
         arguments["ks"] = list(arguments["ks"])

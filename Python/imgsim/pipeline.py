@@ -37,12 +37,29 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
         raise checks.ParameterError("backbone resnet18 needs weights=PATH")
     results = {}
     if image_folder is not None:
-        results["sync"] = sync_image_folder(store, image_folder, progress=progress)
-    results["featurize"] = featurize_images(store, backbone, weights, progress=progress)
-    results["prepare"] = prepare_data(store, backbone, weights, ratio_train_test,
+        results["sync_image_folder"] = sync_image_folder(store, image_folder, progress=progress)
+    results["featurize_images"] = featurize_images(store, backbone, weights, progress=progress)
+    results["prepare_data"] = prepare_data(store, backbone, weights, ratio_train_test,
                                       max_query_imgs_per_subdir, max_neg_imgs_per_query_img,
                                       seed)
-    results["train"] = train_classifier(store, backbone, weights, kind, seed)
-    results["evaluate"] = evaluate_model(store, ks, space, backbone, weights, chart_path)
-    results["rank"] = rank_candidates(store, top_k_candidates, space, False, backbone, weights)
+    results["train_classifier"] = train_classifier(store, backbone, weights, kind, seed)
+    results["evaluate_model"] = evaluate_model(store, ks, space, backbone, weights, chart_path)
+    results["rank_candidates"] = rank_candidates(store, top_k_candidates, space, False, backbone, weights)
     return results
+
+
+def run_in_database(dsn: str, image_folder=None, **parameters) -> None:
+    """The in-database compute context: ``CALL imgsim.run_image_similarity(...)`` with the
+    same parameters; ``image_folder`` is a path on the database server."""
+    import psycopg
+    from psycopg import sql
+
+    arguments = {"image_folder": None if image_folder is None else str(image_folder),
+                 **parameters}
+    arguments = {k: (list(v) if k == "ks" else v) for k, v in arguments.items()
+                 if v is not None and k != "progress"}
+    call = sql.SQL("CALL imgsim.run_image_similarity({})").format(sql.SQL(", ").join(
+        sql.SQL("{} => {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in arguments))
+    with psycopg.connect(dsn.replace("postgresql+psycopg://", "postgresql://"),
+                         autocommit=True) as conn:
+        conn.execute(call, arguments)

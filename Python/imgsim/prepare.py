@@ -103,7 +103,7 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
     params = {"backbone": backbone, "feature_key": key, "ratio_train_test": ratio_train_test,
               "max_query_imgs_per_subdir": max_query_imgs_per_subdir,
               "max_neg_imgs_per_query_img": max_neg_imgs_per_query_img}
-    with recorded(store, "prepare", params, seed) as run:
+    with recorded(store, "prepare_data", params, seed) as run:
         ids, categories, _ = store.feature_matrix(key)
         if len(ids) == 0:
             raise ValueError(f"no image has features for {key}: run featurize first")

@@ -86,7 +86,7 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
               "query_table": query_table}
     if space == "features":
         params["feature_key"] = feature_key(backbone, weights)
-    with recorded(store, "rank", params) as run:
+    with recorded(store, "rank_candidates", params) as run:
         if space == "scores":
             ids, _, _, matrix = store.score_matrix()
         else:
@@ -140,7 +140,7 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> l
     if not isinstance(image, (bytes, bytearray, memoryview)):
         raise checks.ParameterError("image must be the bytes of an image file")
     with recorded(store, "similar_images", {"k": k, "space": space, "bytes": len(image)}) as run:
-        train = store.last_run("train")
+        train = store.last_run("train_classifier")
         if train is None:
             raise ValueError("no classifier has been trained: run train first")
         model_name = train[2]["model"]

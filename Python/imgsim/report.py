@@ -42,7 +42,7 @@ def write_report(store, path="imgsim_report.html", sample_queries: int = 8) -> P
     parts = [f"<!doctype html><meta charset='utf-8'><title>imgsim report</title>"
              f"<style>{STYLE}</style><h1>imgsim report</h1>"
              f"<p>Written {dt.datetime.now().isoformat(timespec='seconds')}.</p>"]
-    train = store.last_run("train")
+    train = store.last_run("train_classifier")
     if train:
         counts = train[2]
         test_acc = counts.get("test_accuracy")
@@ -50,7 +50,7 @@ def write_report(store, path="imgsim_report.html", sample_queries: int = 8) -> P
                      f"training accuracy {100 * counts['train_accuracy']:.1f}%, test accuracy "
                      f"{'n/a' if test_acc is None else f'{100 * test_acc:.1f}%'}.</p>")
         parts.append(_confusion_html(store))
-    evaluation = store.last_run("evaluate")
+    evaluation = store.last_run("evaluate_model")
     if evaluation:
         metrics = store.metric_rows(evaluation[0])
         parts.append(f"<h2>Ranking accuracy ({escape(evaluation[1]['space'])} space, "
@@ -63,7 +63,7 @@ def write_report(store, path="imgsim_report.html", sample_queries: int = 8) -> P
         parts.append("<table><tr><th>path</th><th>step</th><th>reason</th></tr>" + "".join(
             f"<tr><td>{escape(p)}</td><td>{escape(s)}</td><td>{escape(r)}</td></tr>"
             for p, s, r, _ in errors) + "</table>")
-    ranking = store.last_run("rank")
+    ranking = store.last_run("rank_candidates")
     if ranking:
         parts.append(_ranking_html(store, ranking[0], sample_queries))
     path = Path(path)

@@ -45,7 +45,7 @@ def sync_image_folder(store, folder, progress: bool = True) -> dict:
     if not files:
         raise ValueError(f"{folder} holds no images in category sub-folders "
                          f"(expected {folder}/<category>/<image>)")
-    with recorded(store, "sync", {"folder": str(folder)}) as run:
+    with recorded(store, "sync_image_folder", {"folder": str(folder)}) as run:
         counts = dict.fromkeys(("added", "changed", "unchanged", "unreadable"), 0)
         known = store.image_index()
         errors = []
@@ -55,7 +55,7 @@ def sync_image_folder(store, folder, progress: bool = True) -> dict:
                 try:
                     data = path.read_bytes()
                 except OSError as exc:
-                    errors.append({"run_id": run.id, "path": rel, "step": "sync",
+                    errors.append({"run_id": run.id, "path": rel, "step": "sync_image_folder",
                                    "reason": f"cannot read: {exc.strerror or exc}"})
                     counts["unreadable"] += 1
                     continue

@@ -91,7 +91,7 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
     key = feature_key(backbone, weights)
     params = {"backbone": backbone, "weights": str(weights) if weights else None,
               "feature_key": key, "kind": kind}
-    with recorded(store, "train", params, seed) as run:
+    with recorded(store, "train_classifier", params, seed) as run:
         ids, categories, matrix = store.feature_matrix(key)
         train_ids, test_ids = store.split()
         if not train_ids:
@@ -135,8 +135,8 @@ def _score_all(store, name: str, graph: bytes, metadata: dict) -> int:
 def score_images(store) -> dict:
     """Score every featurized image with the current classifier (no retraining): what the
     scheduled refresh runs after featurizing new images."""
-    with recorded(store, "score", {}) as run:
-        train = store.last_run("train")
+    with recorded(store, "score_images", {}) as run:
+        train = store.last_run("train_classifier")
         if train is None:
             raise ValueError("no classifier has been trained: run train first")
         name = train[2]["model"]

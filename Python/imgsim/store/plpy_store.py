@@ -4,11 +4,9 @@ The statements are the same SQLAlchemy Core statements the client store runs,
 compiled for PostgreSQL with ``$n`` placeholders and run as prepared plans; values
 travel as parameters, never in the SQL text.
 
-Transactions: the outermost :meth:`transaction` is a subtransaction (all or
-nothing) and, when the caller allows it (a procedure called with ``CALL`` outside a
-transaction block), is committed at its end, so progress and failures recorded in
-``runs`` survive a later error. Inside a function, or a ``CALL`` in an explicit
-transaction, everything stays in the caller's transaction.
+Transactions: :meth:`transaction` is a subtransaction (all or nothing) inside the
+caller's transaction; the routine that runs the step commits or not (see
+``SQLPy/procedures.sql``: a routine with pinned settings may not commit itself).
 """
 
 from __future__ import annotations
@@ -64,9 +62,8 @@ class PlpyStore(Store):
 
     dialect_name = "postgresql"
 
-    def __init__(self, plpy, can_commit: bool = False):
+    def __init__(self, plpy):
         self.plpy = plpy
-        self.can_commit = can_commit
         self._depth = 0
         self._plans = {}
 
@@ -124,14 +121,6 @@ class PlpyStore(Store):
                 yield
         finally:
             self._depth = 0
-        self._commit()
-
-    def _commit(self):
-        if self.can_commit:
-            try:
-                self.plpy.commit()
-            except self.plpy.SPIError:  # CALL inside a transaction block: stay in it
-                self.can_commit = False
 
     def create_tables(self) -> None:
         raise RuntimeError("tables are created by `imgsim deploy`, not from inside the server")
