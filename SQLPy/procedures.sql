@@ -1,7 +1,8 @@
 -- imgsim in PostgreSQL: one routine per template step, each a few lines calling the package.
 -- Installed by `imgsim deploy`, which fills in {site}: the site-packages of the server-side
 -- environment, pinned (SET) on every routine that imports from it, so that no session can
--- point the server at other code.
+-- point the server at other code; and {search_path}: pg_catalog, imgsim, the schema of
+-- pgvector where it is elsewhere, pg_temp.
 --
 -- How a procedure runs: imgsim.<step>(...) (PL/pgSQL, the caller's rights) packs its
 -- arguments and CALLs imgsim._call, which runs the step in imgsim._run (the owner's rights:
@@ -12,7 +13,7 @@
 -- Runs one step with the owner's rights; returns its result as JSON.
 CREATE OR REPLACE FUNCTION imgsim._run(step text, arguments jsonb) RETURNS jsonb
 LANGUAGE plpython3u SECURITY DEFINER
-SET search_path = pg_catalog, imgsim, pg_temp
+SET search_path = {search_path}
 SET imgsim.site = {site}
 AS $imgsim$
 import json
@@ -24,7 +25,7 @@ $imgsim$;
 
 -- Records a step that failed (its own rows were rolled back with it).
 CREATE OR REPLACE FUNCTION imgsim._record_failure(step text, arguments jsonb, error text)
-RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, imgsim, pg_temp
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = {search_path}
 AS $imgsim$
 INSERT INTO imgsim.runs (step, parameters, started, finished, status, counts, error)
 VALUES (step, arguments::json, now(), clock_timestamp(), 'failed', json_build_object(), error);
@@ -109,7 +110,7 @@ $imgsim$;
 CREATE OR REPLACE FUNCTION imgsim.evaluate_model(ks int[] DEFAULT ARRAY[1,2,4,5,8,10,15,20,28,32], space text DEFAULT 'scores', backbone text DEFAULT 'efficientnet_lite0', weights text DEFAULT NULL)
 RETURNS TABLE(distance text, k int, accuracy float8, mean_rank float8, median_rank float8)
 LANGUAGE plpython3u SECURITY DEFINER
-SET search_path = pg_catalog, imgsim, pg_temp
+SET search_path = {search_path}
 SET imgsim.site = {site}
 AS $imgsim$
 import site
@@ -122,7 +123,7 @@ $imgsim$;
 CREATE OR REPLACE FUNCTION imgsim.similar_images(image bytea, k int DEFAULT 10, space text DEFAULT 'scores')
 RETURNS TABLE(image_id int, path text, category text, distance float8)
 LANGUAGE plpython3u SECURITY DEFINER
-SET search_path = pg_catalog, imgsim, pg_temp
+SET search_path = {search_path}
 SET imgsim.site = {site}
 AS $imgsim$
 import site

@@ -12,11 +12,15 @@ DECLARE
 BEGIN
   EXECUTE format('ALTER SCHEMA imgsim OWNER TO %I', admin);
   FOR r IN SELECT c.oid::regclass AS rel FROM pg_class c
-           WHERE c.relnamespace = 'imgsim'::regnamespace AND c.relkind = 'r' LOOP
+           WHERE c.relnamespace = 'imgsim'::regnamespace AND c.relkind = 'r'
+             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
+  LOOP
     EXECUTE format('ALTER TABLE %s OWNER TO %I', r.rel, admin);
   END LOOP;
   FOR r IN SELECT p.oid::regprocedure AS routine FROM pg_proc p
-           WHERE p.pronamespace = 'imgsim'::regnamespace LOOP
+           WHERE p.pronamespace = 'imgsim'::regnamespace
+             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')
+  LOOP
     EXECUTE format('ALTER ROUTINE %s OWNER TO %I', r.routine, admin);
     EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', r.routine);
     EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %I', r.routine, analyst);

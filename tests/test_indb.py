@@ -291,3 +291,34 @@ def test_redeploy_upgrades_in_place_keeping_data_and_undeploy_removes_it_all(pg_
     undeploy(dsn, admin_role="shop_admin", analyst_role="shop_analyst")
     assert one(dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'imgsim'") == (0,)
     assert one(dsn, "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'shop_%%'") == (0,)
+
+
+def test_feature_ranking_uses_hnsw_and_matches_exact_search(indb):
+    from imgsim.rank import top_k_cosine
+
+    psql(indb, "CALL imgsim.rank_candidates(top_k_candidates => 5, space => 'features')")
+    store = SQLAlchemyStore(indb)
+    run_id, params, counts, _ = store.last_run("rank_candidates")
+    assert counts["search"] == "hnsw"
+    ids, _, matrix = store.feature_matrix(params["feature_key"])
+    queries = store.query_ids()
+    row_of = {i: n for n, i in enumerate(ids.tolist())}
+    index, distance = top_k_cosine(matrix[[row_of[q] for q in queries]], matrix, 5,
+                                   np.array(queries), ids)
+    rows = store.ranking_rows(run_id)
+    assert [r[2] for r in rows] == [int(ids[i]) for row in index for i in row]
+    assert np.allclose([r[3] for r in rows], distance.ravel(), atol=1e-4)
+    plan = "\n".join(r[0] for r in psycopg.connect(indb).execute(
+        "EXPLAIN SELECT image_id FROM imgsim.features WHERE vector_dims(embedding) = 1280 "
+        "ORDER BY embedding::vector(1280) <=> (SELECT embedding FROM imgsim.features "
+        "LIMIT 1)::vector(1280) LIMIT 5").fetchall())
+    assert "features_embedding_1280" in plan
+    store.close()
+
+
+def test_similar_images_in_feature_space_through_the_index(indb, server_folder):
+    image = (server_folder / "leopard" / "leopard_004.jpg").read_bytes()
+    rows = psycopg.connect(indb).execute(
+        "SELECT path, category, distance FROM imgsim.similar_images(%s, 3, 'features')",
+        (image,)).fetchall()
+    assert rows[0][0] == "leopard/leopard_004.jpg" and rows[0][2] < 1e-4

@@ -112,28 +112,39 @@ def deploy(dsn: str, server_venv=None, prepare_venv: bool = True, schedule: str 
             raise RuntimeError("PL/Python (plpython3u) is not installed on the server: "
                                "install Debian's postgresql-plpython3-15")
         conn.execute("CREATE EXTENSION IF NOT EXISTS plpython3u")
+        conn.execute("CREATE SCHEMA IF NOT EXISTS imgsim")
         report["pgvector"] = "vector" in available
+        search_path = ["pg_catalog", "imgsim"]
         if report["pgvector"]:
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            vector_schema = conn.execute(
+                "SELECT extnamespace::regnamespace::text FROM pg_extension "
+                "WHERE extname = 'vector'").fetchone()[0]
+            search_path += [vector_schema] if vector_schema != "imgsim" else []
         else:
             log("pgvector is not installed: ranking and similar_images use exact search "
                 "(fine up to some hundred thousand images; install pgvector for HNSW)")
         for role in (admin_role, analyst_role):
             if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                 conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-        conn.execute("CREATE SCHEMA IF NOT EXISTS imgsim")
         conn.commit()
     store = SQLAlchemyStore(dsn)
     store.create_tables()
     with _connect(dsn) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(
+            sql.SQL(", ").join(map(sql.Identifier, search_path))))
         if report["pgvector"]:
-            conn.execute("ALTER TABLE imgsim.features ADD COLUMN IF NOT EXISTS embedding vector")
+            conn.execute((SQL_DIR / "vector.sql").read_text())
         procedures = (SQL_DIR / "procedures.sql").read_text()
-        conn.execute(sql.SQL(procedures).format(site=sql.Literal(str(site))))
+        conn.execute(sql.SQL(procedures).format(
+            site=sql.Literal(str(site)),
+            search_path=sql.SQL(", ").join([*map(sql.Identifier, search_path), sql.SQL("pg_temp")])))
         conn.execute("SELECT set_config('imgsim.admin_role', %s, true), "
                      "set_config('imgsim.analyst_role', %s, true)", (admin_role, analyst_role))
         conn.execute((SQL_DIR / "roles.sql").read_text())
         conn.commit()
+    if report["pgvector"]:
+        report["embeddings_backfilled"] = store.backfill_embeddings()
     for name in export_backbones:
         key, _ = backbone_graph(store, name)
         log(f"backbone {name} stored in imgsim.models as {key}")

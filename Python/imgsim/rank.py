@@ -98,15 +98,31 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
         if not query_ids:
             raise ValueError("no query image has a vector: fill query_images or run prepare")
         queries = matrix[[row_of[i] for i in query_ids]]
-        indices, distances = top_k_cosine(
-            queries, matrix, top_k, None if include_self else np.array(query_ids),
-            None if include_self else ids)
-        rows = [(q, r + 1, int(ids[c]), float(d)) for q, idx, dist in
-                zip(query_ids, indices, distances) for r, (c, d) in enumerate(zip(idx, dist))]
+        search = "hnsw" if space == "features" and store.has_vectors() else "exact"
+        if search == "hnsw":
+            rows = _index_top_k(store, params["feature_key"], query_ids, queries, top_k,
+                                include_self)
+        else:
+            indices, distances = top_k_cosine(
+                queries, matrix, top_k, None if include_self else np.array(query_ids),
+                None if include_self else ids)
+            rows = [(q, r + 1, int(ids[c]), float(d)) for q, idx, dist in
+                    zip(query_ids, indices, distances) for r, (c, d) in enumerate(zip(idx, dist))]
         with store.transaction():
             store.add_ranking_results(run.id, rows)
-        run.counts.update(queries=len(query_ids), candidates=len(ids), rows=len(rows))
+        run.counts.update(queries=len(query_ids), candidates=len(ids), rows=len(rows),
+                          search=search)
     return {"run_id": run.id, **run.counts}
+
+
+def _index_top_k(store, key, query_ids, queries, k, include_self):
+    """Top-k by the pgvector HNSW index: one index scan per query."""
+    rows = []
+    for query_id, vector in zip(query_ids, queries):
+        found = store.nearest_features(key, vector, k + (0 if include_self else 1))
+        found = [(c, d) for c, d in found if include_self or c != query_id][:k]
+        rows += [(query_id, r + 1, int(c), float(d)) for r, (c, d) in enumerate(found)]
+    return rows
 
 
 _SESSIONS: dict = {}
@@ -157,11 +173,16 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> l
                                  lambda: Classifier(graph, meta["classes"]))
             vector = classifier.predict(vector[None])[1][0]
             ids, _, _, matrix = store.score_matrix()
+            indices, distances = top_k_cosine(vector[None], matrix, k)
+            found = [(int(ids[i]), float(d)) for i, d in zip(indices[0], distances[0])]
+        elif store.has_vectors():
+            ids = None
+            found = [(int(i), float(d)) for i, d in store.nearest_features(key, vector, k)]
         else:
             ids, _, matrix = store.feature_matrix(key)
-        indices, distances = top_k_cosine(vector[None], matrix, k)
-        found = [int(ids[i]) for i in indices[0]]
-        info = {i: (p, c) for i, p, c, _ in store.image_info(found)}
-        rows = [(i, info[i][0], info[i][1], float(d)) for i, d in zip(found, distances[0])]
-        run.counts.update(candidates=len(ids), returned=len(rows))
+            indices, distances = top_k_cosine(vector[None], matrix, k)
+            found = [(int(ids[i]), float(d)) for i, d in zip(indices[0], distances[0])]
+        info = {i: (p, c) for i, p, c, _ in store.image_info([i for i, _ in found])}
+        rows = [(i, info[i][0], info[i][1], d) for i, d in found]
+        run.counts.update(returned=len(rows), search="exact" if ids is not None else "hnsw")
     return rows

@@ -12,8 +12,8 @@ import datetime as dt
 from contextlib import AbstractContextManager
 
 import numpy as np
-from sqlalchemy import (Column, Integer, MetaData, Table, and_, delete, func, insert, not_,
-                        select, update)
+from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, and_, bindparam, cast,
+                        delete, func, insert, literal, not_, select, update)
 
 from .. import checks
 from . import tables as t
@@ -31,6 +31,11 @@ def from_blobs(blobs, dim: int | None = None) -> np.ndarray:
     if not blobs:
         return np.zeros((0, dim or 0), dtype=np.float32)
     return np.stack([np.frombuffer(b, dtype=VECTOR_DTYPE) for b in blobs]).astype(np.float32)
+
+
+_information_columns = Table(
+    "columns", MetaData(schema="information_schema"),
+    Column("table_schema", String), Column("table_name", String), Column("column_name", String))
 
 
 def now() -> dt.datetime:
@@ -135,14 +140,62 @@ class Store:
         return {s: bytes(v) for s, v in rows}
 
     def put_features(self, backbone: str, rows: list[tuple[int, str, bytes]]) -> None:
-        """Insert or replace ``(image_id, sha256, vector_bytes)`` rows."""
+        """Insert or replace ``(image_id, sha256, vector_bytes)`` rows (and their pgvector
+        embedding where the server has it)."""
         if not rows:
             return
         f = t.features.c
         self._write(delete(t.features).where(
             f.backbone == backbone, f.image_id.in_([r[0] for r in rows])))
-        self._write(insert(t.features), [
-            {"image_id": i, "backbone": backbone, "sha256": s, "vector": v} for i, s, v in rows])
+        values = [{"image_id": i, "backbone": backbone, "sha256": s, "vector": v}
+                  for i, s, v in rows]
+        if self.has_vectors():
+            for row in values:
+                row["embedding"] = t.VectorText.of(np.frombuffer(row["vector"], VECTOR_DTYPE))
+            self._write(insert(t.feature_vectors), values)
+        else:
+            self._write(insert(t.features), values)
+
+    # -- pgvector -----------------------------------------------------------------------
+    _vectors: bool | None = None
+
+    def has_vectors(self) -> bool:
+        """Whether features carry a pgvector ``embedding`` column (PostgreSQL, deployed)."""
+        if self._vectors is None:
+            self._vectors = False
+            if self.dialect_name == "postgresql":
+                c = _information_columns.c
+                self._vectors = bool(self._fetch(select(func.count()).where(
+                    c.table_schema == t.SCHEMA, c.table_name == "features",
+                    c.column_name == "embedding"))[0][0])
+        return self._vectors
+
+    def nearest_features(self, key: str, vector, k: int, ef_search: int = 100):
+        """``(image_id, cosine distance)`` of the ``k`` nearest features by the HNSW index."""
+        fv = t.feature_vectors.c
+        dim = len(vector)
+        target = cast(literal(t.VectorText.of(vector), t.Vector()), t.Vector(dim))
+        distance = cast(fv.embedding, t.Vector(dim)).op("<=>", return_type=Float)(target)
+        with self.transaction():
+            self._fetch(select(func.set_config("hnsw.ef_search", str(max(ef_search, k)), True)))
+            return self._fetch(
+                select(fv.image_id, distance)
+                .where(fv.backbone == key,
+                       func.vector_dims(fv.embedding) == bindparam("dim", dim,
+                                                                   literal_execute=True))
+                .order_by(distance).limit(k))
+
+    def backfill_embeddings(self) -> int:
+        """Fill the pgvector column of features stored before pgvector was installed."""
+        fv = t.feature_vectors.c
+        rows = self._fetch(select(fv.image_id, fv.backbone, fv.vector)
+                           .where(fv.embedding.is_(None)))
+        with self.transaction():
+            for image_id, backbone, vector in rows:
+                self._write(update(t.feature_vectors).where(
+                    fv.image_id == image_id, fv.backbone == backbone).values(
+                    embedding=t.VectorText.of(np.frombuffer(bytes(vector), VECTOR_DTYPE))))
+        return len(rows)
 
     def feature_matrix(self, backbone: str, ids=None):
         """``(ids, categories, matrix)`` of images with current features for ``backbone``."""

@@ -45,6 +45,17 @@ class SQLAlchemyStore(Store):
                 cursor.execute("PRAGMA busy_timeout=30000")
                 cursor.close()
 
+        else:
+            @event.listens_for(engine, "connect")
+            def _find_pgvector(dbapi_connection, _record):
+                cursor = dbapi_connection.cursor()
+                cursor.execute(  # let this session see pgvector's type wherever it lives
+                    "SELECT set_config('search_path', current_setting('search_path') || ', ' "
+                    "|| quote_ident(n.nspname), false) FROM pg_extension e JOIN pg_namespace n "
+                    "ON n.oid = e.extnamespace WHERE e.extname = 'vector'")
+                cursor.close()
+                dbapi_connection.commit()
+
         self.engine = engine
         self._connection = None
 

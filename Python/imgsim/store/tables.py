@@ -6,7 +6,8 @@ float32 little-endian bytes; parameters and counts are JSON.
 """
 
 from sqlalchemy import (JSON, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer,
-                        LargeBinary, MetaData, String, Table, Text)
+                        LargeBinary, MetaData, String, Table, Text, cast)
+from sqlalchemy.types import UserDefinedType
 
 SCHEMA = "imgsim"
 metadata = MetaData(schema=SCHEMA)
@@ -125,4 +126,39 @@ ranking_metrics = Table(
     Column("accuracy", Float, nullable=False),
     Column("mean_rank", Float, nullable=False),
     Column("median_rank", Float, nullable=False),
+)
+
+
+class Vector(UserDefinedType):
+    """pgvector's ``vector`` type, with or without a dimension."""
+
+    cache_ok = True
+
+    def __init__(self, dim: int | None = None):
+        self.dim = None if dim is None else int(dim)
+
+    def get_col_spec(self, **kw):
+        return "VECTOR" if self.dim is None else f"VECTOR({self.dim})"
+
+    def bind_expression(self, bindvalue):
+        return cast(bindvalue, self)  # values travel as text, '[1,2,3]'
+
+
+class VectorText(str):
+    """A vector in pgvector's text form, ``[1,2,3]``, bound as a ``vector`` parameter."""
+
+    @classmethod
+    def of(cls, values) -> "VectorText":
+        return cls("[" + ",".join(f"{float(v):.9g}" for v in values) + "]")
+
+
+# The features table as seen where pgvector is installed: deploy adds ``embedding`` (and
+# HNSW indexes, SQLPy/vector.sql). Kept out of ``metadata``: SQLite has no such type.
+feature_vectors = Table(
+    "features", MetaData(schema=SCHEMA),
+    Column("image_id", Integer, primary_key=True),
+    Column("backbone", String(80), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+    Column("embedding", Vector()),
 )
