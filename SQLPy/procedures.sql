@@ -47,7 +47,10 @@ except plpy.SPIError as error:
         plpy.commit()
     except plpy.SPIError:
         pass  # CALLed inside the caller's transaction block: that transaction decides
-    raise
+    message = error.args[0]
+    if message.startswith("spiexceptions."):  # already named by its class once
+        message = message.split(": ", 1)[-1]
+    raise type(error)(message)
 $imgsim$;
 
 -- Load a server folder (one sub-folder per category) into imgsim.images: new and changed files only.

@@ -183,6 +183,23 @@ def test_the_compute_context_switch_runs_the_pipeline_in_the_database(indb):
                      "rank_candidates"]
 
 
+def test_run_image_similarity_and_refresh_from_psql(indb, server_folder):
+    before = one(indb, "SELECT max(id) FROM imgsim.runs")[0]
+    psql(indb, """
+        CALL imgsim.run_image_similarity(image_folder => :'folder', seed => 9,
+                                         max_query_imgs_per_subdir => 5,
+                                         max_neg_imgs_per_query_img => 20);
+        CALL imgsim.refresh(top_k_candidates => 2);
+    """, folder=server_folder)
+    steps = psql(indb, "SELECT step || '=' || status FROM imgsim.runs WHERE id > :before "
+                       "ORDER BY id", before=before).split()
+    assert [s.split("=")[0] for s in steps] == [
+        "sync_image_folder", "featurize_images", "prepare_data", "train_classifier",
+        "evaluate_model", "rank_candidates", "featurize_images", "score_images",
+        "rank_candidates"]
+    assert all(s.endswith("=succeeded") for s in steps)
+
+
 def test_every_procedure_runs_through_odbc(indb, server_folder):
     with odbc(indb) as conn:
         cursor = conn.cursor()

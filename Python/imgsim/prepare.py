@@ -68,7 +68,7 @@ def evaluation_pairs(test_ids, categories, max_query_imgs_per_subdir: int = 20,
         if len(members) < 2:
             raise ValueError(f"category {category!r} has {len(members)} test image(s); a query "
                              "needs another test image of its category as positive "
-                             "(add images or raise ratio_train_test's complement)")
+                             "(add images, or lower ratio_train_test)")
         others = np.array(sorted(i for c, m in by_category.items() if c != category
                                  for i in m), dtype=np.int64)
         queries = rng.choice(members, size=min(max_query, len(members)), replace=False)
