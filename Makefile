@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench bench-full venv clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,18 @@ demo: $(STAMP) Data/textures
 test: $(STAMP)
 	bash tests/install_postgres.sh
 	$(BIN)/python -m pytest
+
+# Benchmarks (bench/RESULTS.md); faiss-cpu and dataset-fashion-mnist are for them alone.
+bench: $(STAMP)
+	bash tests/install_postgres.sh
+	$(BIN)/pip install -q faiss-cpu
+	$(BIN)/python -m bench.run
+
+bench-full: $(STAMP)
+	bash tests/install_postgres.sh
+	$(BIN)/pip install -q faiss-cpu
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt-get install -y -qq dataset-fashion-mnist
+	$(BIN)/python -m bench.run --large --scale
 
 clean:
 	rm -rf out Data/textures $(VENV)

@@ -8,15 +8,18 @@ from imgsim.featurize import backbone_graph, feature_key
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2"])
-def test_exported_graph_matches_the_torch_module(name):
+def test_exported_graph_normalises_pixels_and_matches_the_torch_module(name):
+    spec = backbones.get_spec(name)
     module = backbones.build_module(name)
     graph = backbones.export_onnx(name)
     size = backbones.INPUT_SIZE
-    x = np.random.default_rng(0).normal(size=(3, 3, size, size)).astype(np.float32)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, size, size, 3), dtype=np.uint8)
+    normalised = (pixels.astype(np.float32) - np.float32(spec.mean)) / np.float32(spec.std)
     with torch.no_grad():
-        want = module(torch.from_numpy(x)).numpy()
-    got = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
-    assert got.shape == (3, backbones.get_spec(name).dim)
+        want = module(torch.from_numpy(normalised.transpose(0, 3, 1, 2).copy())).numpy()
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": pixels})[0]
+    assert got.shape == (3, spec.dim)
     assert np.allclose(got, want, atol=1e-4)
 
 

@@ -14,10 +14,11 @@ of the weights it loads, so that no model hub and no torchvision is needed:
     a torchvision-format state_dict file the user names (``weights=``);
     512-dimensional features; ImageNet mean and standard deviation.
 
-The exported ONNX graph takes a float32 batch ``(N, 3, 288, 288)`` already
-normalised (see :mod:`imgsim.images`) and returns the global-average-pooled
-output of the last convolutional stage, ``(N, dim)``. Torch is only needed to
-export; running the graph needs ONNX Runtime alone.
+The exported ONNX graph takes a uint8 batch of pixels ``(N, 288, 288, 3)`` (see
+:mod:`imgsim.images`), normalises it with the backbone's mean and standard
+deviation, and returns the global-average-pooled output of the last convolutional
+stage, ``(N, dim)``. Torch is only needed to export; running the graph needs ONNX
+Runtime alone.
 """
 
 from __future__ import annotations
@@ -125,15 +126,17 @@ def build_module(name: str, weights: str | os.PathLike | None = None):
 
 
 def export_onnx(name: str, weights: str | os.PathLike | None = None) -> bytes:
-    """Export backbone ``name`` to an ONNX graph (bytes) with a dynamic batch axis."""
+    """Export backbone ``name``, preprocessing included, to an ONNX graph (bytes) with a
+    dynamic batch axis: uint8 ``(N, H, W, 3)`` pixels in, ``(N, dim)`` features out."""
     import torch
 
-    module = build_module(name, weights)
+    spec = get_spec(name)
+    module = _architectures()["normalised"](build_module(name, weights), spec.mean, spec.std)
     buffer = io.BytesIO()
-    dummy = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
+    dummy = torch.zeros(2, INPUT_SIZE, INPUT_SIZE, 3, dtype=torch.uint8)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's constant-folding notes
-        torch.onnx.export(module, (dummy,), buffer, dynamo=False, opset_version=17,
+        torch.onnx.export(module.eval(), (dummy,), buffer, dynamo=False, opset_version=17,
                           input_names=["image"], output_names=["features"],
                           dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
     return buffer.getvalue()
@@ -141,6 +144,7 @@ def export_onnx(name: str, weights: str | os.PathLike | None = None) -> bytes:
 
 def _architectures():
     """Define the torch modules lazily, so importing this module needs no torch."""
+    import torch
     from torch import nn
 
     def conv_bn(cin, cout, k, stride, groups=1, eps=1e-5, act=nn.ReLU6, pad=None):
@@ -272,6 +276,19 @@ def _architectures():
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
             return x.mean(dim=(2, 3))
 
+    class Normalised(nn.Module):
+        """uint8 NHWC pixels to normalised NCHW floats, then the backbone."""
+
+        def __init__(self, backbone, mean, std):
+            super().__init__()
+            self.backbone = backbone
+            self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1))
+            self.register_buffer("scale", 1.0 / torch.tensor(std).reshape(1, 3, 1, 1))
+
+        def forward(self, pixels):
+            x = pixels.permute(0, 3, 1, 2).float()
+            return self.backbone((x - self.mean) * self.scale)
+
     return {"efficientnet_lite0": EfficientNetLite0, "mobilenet_v2": MobileNetV2,
-            "resnet18": ResNet18}
+            "resnet18": ResNet18, "normalised": Normalised}
 

@@ -76,15 +76,14 @@ def onnx_session(graph: bytes, threads: int | None = None):
 class Featurizer:
     """Bytes of images to embeddings with one backbone graph."""
 
-    def __init__(self, graph: bytes, backbone: str, threads: int | None = None):
-        self.spec = backbones.get_spec(backbone)
+    def __init__(self, graph: bytes, threads: int | None = None):
         self.session = onnx_session(graph, threads)
         self.input = self.session.get_inputs()[0].name
 
     def prepare(self, data: bytes):
         """Preprocess one image; an ImageError is returned, not raised."""
         try:
-            return preprocess(data, self.spec.mean, self.spec.std)
+            return preprocess(data)
         except ImageError as exc:
             return exc
 
@@ -138,7 +137,7 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
         counts = {"pending": len(pending), "featurized": 0, "reused": 0, "failed": 0}
         run.progress(**counts)
         if pending:
-            featurizer = Featurizer(graph, backbone)
+            featurizer = Featurizer(graph)
             bar = tqdm(total=len(pending), desc=f"featurize {backbone}", unit="img",
                        disable=not progress)
             batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]

@@ -10,8 +10,9 @@ Preprocessing, the same for every backbone, step and compute context:
 4. resize so the shorter side is 288 px (bilinear, antialiased), then crop the
    central 288 x 288 square (288 rather than ImageNet's 224: textures keep more of
    their detail, worth 2 points of test accuracy on the reference set);
-5. normalise per channel, ``(x - mean) / std``, with the backbone's constants,
-   and lay out as channels-first float32.
+5. inside the backbone's ONNX graph, which takes these uint8 pixels (batch, height,
+   width, channel): normalise per channel, ``(x - mean) / std``, with the backbone's
+   constants, and lay out channels-first.
 
 Anything Pillow cannot decode raises :class:`ImageError` with the reason.
 """
@@ -90,11 +91,10 @@ def center_square(image: Image.Image, size: int = SIZE) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def preprocess(data: bytes, mean, std, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Bytes of one image to a normalised ``(3, SIZE, SIZE)`` float32 array."""
-    array = np.asarray(center_square(load_rgb(data, max_pixels)), dtype=np.float32)
-    array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+def preprocess(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes of one image to its ``(SIZE, SIZE, 3)`` uint8 pixels, ready for a backbone
+    graph (which normalises them itself)."""
+    return np.asarray(center_square(load_rgb(data, max_pixels)))
 
 
 def thumbnail(data: bytes, size: int = 96) -> bytes:

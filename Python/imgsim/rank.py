@@ -10,6 +10,8 @@ vectors (the template's) or the backbone features.
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -33,7 +35,7 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
 
     When both id arrays are given, a candidate with the query's own id is excluded.
     Returns ``(indices, distances)``, both ``(n_queries, min(k, n))``, best first;
-    indices are rows of ``candidates``.
+    indices are rows of ``candidates``; ties go to the lower row.
 
     Example
     -------
@@ -46,23 +48,29 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
     k = min(k, len(c) - (1 if exclude else 0))
     if k <= 0 or len(q) == 0:
         return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
-    if exclude:
-        candidate_ids = np.asarray(candidate_ids)
-        query_ids = np.asarray(query_ids)
     indices = np.empty((len(q), k), np.int64)
     distances = np.empty((len(q), k), np.float32)
-    order_ids = np.arange(len(c))
-    for start in range(0, len(q), block):
-        sims = q[start:start + block] @ c.T
-        if exclude:
-            sims[query_ids[start:start + block, None] == candidate_ids[None, :]] = -np.inf
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        part_sims = np.take_along_axis(sims, part, axis=1)
-        order = np.lexsort((order_ids[part], -part_sims), axis=1)
-        best = np.take_along_axis(part, order, axis=1)
-        indices[start:start + block] = best
-        distances[start:start + block] = 1.0 - np.take_along_axis(sims, best, axis=1)
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:  # the partial sorts release the GIL
+        for start in range(0, len(q), block):
+            sims = q[start:start + block] @ c.T
+            if exclude:
+                own = np.asarray(query_ids)[start:start + block, None]
+                sims[own == np.asarray(candidate_ids)[None, :]] = -np.inf
+            rows = np.array_split(np.arange(len(sims)), workers)
+            for part, (best, best_sims) in zip(rows, pool.map(
+                    lambda r: _best_of_rows(sims[r], k), rows)):
+                indices[start + part] = best
+                distances[start + part] = 1.0 - best_sims
     return indices, distances
+
+
+def _best_of_rows(sims: np.ndarray, k: int):
+    """The ``k`` largest of each row, largest first, ties to the lower column."""
+    part = np.argpartition(sims, -k, axis=1)[:, -k:]
+    part_sims = np.take_along_axis(sims, part, axis=1)
+    order = np.lexsort((part, -part_sims), axis=1)
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_sims, order, axis=1)
 
 
 def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
@@ -166,7 +174,7 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> l
         if backbone is None:
             raise ValueError(f"backbone graph {key} is not in the models table: featurize first")
         featurizer = _cached("backbone", key, backbone[0],
-                             lambda: Featurizer(backbone[0], meta["backbone"]))
+                             lambda: Featurizer(backbone[0]))
         vector = featurizer.embed(bytes(image))
         if space == "scores":
             classifier = _cached("classifier", model_name, graph,

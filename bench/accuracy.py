@@ -1,0 +1,38 @@
+"""Accuracy over 5 seeds on the reference set, with the default configuration:
+train/test accuracy and top-k ranking accuracy (cosine and L2, in score and feature
+space), as mean and standard deviation. Featurized once; each seed draws its own split
+and evaluation set, and trains its own classifier."""
+
+import tempfile
+
+import numpy as np
+
+from bench.common import REFERENCE, emit
+from imgsim import (evaluate_model, featurize_images, open_store, prepare_data,
+                    sync_image_folder, train_classifier)
+
+SEEDS = (0, 1, 2, 3, 4)
+KS = (1, 2, 4, 5, 8, 10, 15, 20, 28, 32)
+
+
+def main():
+    figures: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(f"sqlite:///{tmp}/accuracy.db")
+        sync_image_folder(store, REFERENCE, progress=False)
+        featurize_images(store, progress=False)
+        for seed in SEEDS:
+            prepare_data(store, seed=seed)
+            trained = train_classifier(store, seed=seed)
+            figures.setdefault("train_accuracy", []).append(trained["train_accuracy"])
+            figures.setdefault("test_accuracy", []).append(trained["test_accuracy"])
+            for space in ("scores", "features"):
+                for m in evaluate_model(store, ks=KS, space=space):
+                    name = f"{space}_{m['distance']}_top{m['k']}"
+                    figures.setdefault(name, []).append(m["accuracy"])
+    emit({name: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)), "values": v}
+          for name, v in figures.items()})
+
+
+if __name__ == "__main__":
+    main()
