@@ -68,7 +68,7 @@ def main():
     exact = in_subprocess("ranking_speed", "exact")
     hnsw = in_subprocess("ranking_speed", "hnsw", str(1_000_000 if args.large else 100_000),
                          timeout=7200)
-    best = hnsw["ef100"]
+    best = hnsw["ef200"]
     lines += ["## Ranking", "",
               f"Exact top-10 of {exact['queries']:,} queries among {exact['candidates']:,} "
               f"clustered 1280-d vectors: imgsim {exact['imgsim_seconds']:.2f} s, faiss "
@@ -76,15 +76,15 @@ def main():
               f"{100 * exact['agreement']:.2f}% of results). pgvector HNSW (m 16, "
               f"ef_construction 64) on {hnsw['vectors']:,} such vectors: loaded in "
               f"{hnsw['load_seconds']:.0f} s, index built in {hnsw['build_seconds']:.0f} s; "
-              f"ef_search 40: recall@10 {hnsw['ef40']['recall_at_10']:.3f}, median "
-              f"{hnsw['ef40']['median_ms']:.1f} ms a query.", "",
+              "recall@10 and median latency a query: " + ", ".join(
+                  f"ef_search {ef}: {hnsw[f'ef{ef}']['recall_at_10']:.3f}, "
+                  f"{hnsw[f'ef{ef}']['median_ms']:.1f} ms" for ef in (40, 100, 200))
+              + " (imgsim's similar_images and feature ranking use 200).", "",
               "| figure | measured | target | met |", "|---|---|---|---|",
               row("exact top-k speed / faiss", f"{exact['speed_vs_faiss']:.2f}x", ">= 0.8x",
                   exact["speed_vs_faiss"] >= 0.8),
-              row("HNSW recall@10 (ef_search 100)", f"{best['recall_at_10']:.3f}", ">= 0.98",
-                  best["recall_at_10"] >= 0.98),
-              row("HNSW median latency (ef_search 100)", f"{best['median_ms']:.1f} ms", "(none)",
-                  True), ""]
+              row("HNSW recall@10 (ef_search 200)", f"{best['recall_at_10']:.3f}", ">= 0.98",
+                  best["recall_at_10"] >= 0.98), ""]
 
     acc = in_subprocess("accuracy")
     lines += ["## Accuracy on the reference set, 5 seeds (mean ± sd)", "",

@@ -170,7 +170,7 @@ class Store:
                     c.column_name == "embedding"))[0][0])
         return self._vectors
 
-    def nearest_features(self, key: str, vector, k: int, ef_search: int = 100):
+    def nearest_features(self, key: str, vector, k: int, ef_search: int = 200):
         """``(image_id, cosine distance)`` of the ``k`` nearest features by the HNSW index."""
         fv = t.feature_vectors.c
         dim = len(vector)
