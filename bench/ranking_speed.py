@@ -61,7 +61,8 @@ def hnsw(n: int = 100_000, queries: int = 200, k: int = 10):
     try:
         with psycopg.connect(cluster.dsn, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION vector")
-            conn.execute(f"CREATE TABLE items (id int PRIMARY KEY, embedding vector({DIM}))")
+            conn.execute(psycopg.sql.SQL("CREATE TABLE items (id int PRIMARY KEY, "
+                                         "embedding vector({}))").format(DIM))
             with Timer() as load:
                 with conn.cursor().copy("COPY items (id, embedding) FROM STDIN") as copy:
                     for i, row in enumerate(candidates):
@@ -73,7 +74,7 @@ def hnsw(n: int = 100_000, queries: int = 200, k: int = 10):
             result = {"vectors": n, "queries": queries, "load_seconds": load.seconds,
                       "build_seconds": build.seconds}
             for ef in (40, 100, 200):
-                conn.execute(f"SET hnsw.ef_search = {ef}")
+                conn.execute("SELECT set_config('hnsw.ef_search', %s, false)", (str(ef),))
                 latencies, recall = [], []
                 for vector, want in zip(q, truth):
                     text = "[" + ",".join(f"{v:.6g}" for v in vector) + "]"

@@ -124,6 +124,12 @@ def deploy(dsn: str, server_venv=None, prepare_venv: bool = True, schedule: str 
         else:
             log("pgvector is not installed: ranking and similar_images use exact search "
                 "(fine up to some hundred thousand images; install pgvector for HNSW)")
+        report["pg_cron"] = _cron_database(conn) is not None
+        if not report["pg_cron"]:
+            log("pg_cron is not loaded by the server: no scheduled refresh (add pg_cron to "
+                "shared_preload_libraries; Debian package postgresql-15-cron)")
+            if schedule is not None:
+                raise RuntimeError("--schedule needs pg_cron loaded by the server")
         for role in (admin_role, analyst_role):
             if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                 conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
