@@ -138,3 +138,11 @@ def test_report_is_self_contained_html(pipeline_store, tmp_path):
     assert html.count("data:image/jpeg;base64") >= 8 * 11  # 8 queries with 10 candidates
     for path in BAD_FILES:
         assert path in html
+
+
+def test_chosen_query_images_are_ranked_instead_of_the_test_images(pipeline_store):
+    chosen = pipeline_store.split()[0][:3]
+    pipeline_store.set_query_images(chosen)
+    ranked = rank_candidates(pipeline_store, top_k_candidates=2)
+    assert ranked["queries"] == 3
+    assert {r[0] for r in pipeline_store.ranking_rows(ranked["run_id"])} == set(chosen)

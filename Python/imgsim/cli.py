@@ -23,8 +23,6 @@ from .store import DEFAULT_URL, open_store
 from .sync import sync_image_folder
 from .train import KINDS, train_classifier
 
-TEMPLATE_FIGURES = {"test_accuracy": 0.751, "cosine_top1": 0.355, "cosine_top32": 0.895}
-
 
 def _backbone_args(p):
     p.add_argument("--backbone", default=backbones.DEFAULT_BACKBONE,
@@ -145,13 +143,14 @@ def _print_results_table(store) -> None:
     train = store.last_run("train_classifier")[2]
     metrics = store.metric_rows(store.last_run("evaluate_model")[0])
     top = {(m[0], m[1]): m[2] for m in metrics}
-    print(f"{'figure':<22}{'imgsim':>10}{'template':>10}")
+    print(f"{'figure':<22}{'imgsim':>10}{'template*':>10}")
     print(f"{'train accuracy':<22}{100 * train['train_accuracy']:>9.1f}%{89.7:>9.1f}%")
     if train["test_accuracy"] is not None:
         print(f"{'test accuracy':<22}{100 * train['test_accuracy']:>9.1f}%{75.1:>9.1f}%")
     for k, template in ((1, 35.5), (5, 62.0), (10, 69.5), (32, 89.5)):
         if ("cosine", k) in top:
             print(f"{'cosine top-' + str(k):<22}{100 * top['cosine', k]:>9.1f}%{template:>9.1f}%")
+    print("* the template's published figures, on its own 1,712 fashion images")
 
 
 def _database_command(args):

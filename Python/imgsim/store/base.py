@@ -209,10 +209,6 @@ class Store:
         return (np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows],
                 from_blobs([bytes(r[2]) for r in rows]))
 
-    def feature_count(self, backbone: str) -> int:
-        f = t.features.c
-        return self._fetch(select(func.count()).where(f.backbone == backbone))[0][0]
-
     # -- splits and evaluation pairs ----------------------------------------------------
     def replace_split(self, train_ids, test_ids) -> None:
         self._write(delete(t.training_images))
@@ -250,11 +246,6 @@ class Store:
         c = t.models.c
         rows = self._fetch(select(c.data, c.metadata).where(c.name == name))
         return (bytes(rows[0][0]), rows[0][1]) if rows else None
-
-    def model_rows(self) -> list[tuple]:
-        c = t.models.c
-        return self._fetch(select(c.name, c.kind, c.format, c.created, c.metadata)
-                           .order_by(c.name))
 
     # -- scores -------------------------------------------------------------------------
     def replace_scores(self, model: str, rows: list[tuple[int, str, str, bytes]]) -> None:
