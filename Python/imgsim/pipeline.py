@@ -57,7 +57,7 @@ def run_in_database(dsn: str, image_folder=None, **parameters) -> None:
     arguments = {"image_folder": None if image_folder is None else str(image_folder),
                  **parameters}
     arguments = {k: (list(v) if k == "ks" else v) for k, v in arguments.items()
-                 if v is not None and k != "progress"}
+                 if v is not None}
     call = sql.SQL("CALL imgsim.run_image_similarity({})").format(sql.SQL(", ").join(
         sql.SQL("{} => {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in arguments))
     with psycopg.connect(dsn.replace("postgresql+psycopg://", "postgresql://"),
