@@ -325,10 +325,12 @@ def test_feature_ranking_uses_hnsw_and_matches_exact_search(indb):
     rows = store.ranking_rows(run_id)
     assert [r[2] for r in rows] == [int(ids[i]) for row in index for i in row]
     assert np.allclose([r[3] for r in rows], distance.ravel(), atol=1e-4)
-    plan = "\n".join(r[0] for r in psycopg.connect(indb).execute(
-        "EXPLAIN SELECT image_id FROM imgsim.features WHERE vector_dims(embedding) = 1280 "
-        "ORDER BY embedding::vector(1280) <=> (SELECT embedding FROM imgsim.features "
-        "LIMIT 1)::vector(1280) LIMIT 5").fetchall())
+    with psycopg.connect(indb) as conn:  # the query shape can use the index (a tiny table
+        conn.execute("SET enable_seqscan = off")  # may still be scanned when that is cheaper)
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT image_id FROM imgsim.features WHERE vector_dims(embedding) = 1280 "
+            "ORDER BY embedding::vector(1280) <=> (SELECT embedding FROM imgsim.features "
+            "LIMIT 1)::vector(1280) LIMIT 5").fetchall())
     assert "features_embedding_1280" in plan
     store.close()
 
@@ -339,3 +341,19 @@ def test_similar_images_in_feature_space_through_the_index(indb, server_folder):
         "SELECT path, category, distance FROM imgsim.similar_images(%s, 3, 'features')",
         (image,)).fetchall()
     assert rows[0][0] == "leopard/leopard_004.jpg" and rows[0][2] < 1e-4
+
+
+def test_cli_runs_in_the_database_and_manages_the_job(indb, tmp_path, capsys):
+    from imgsim.cli import main
+
+    report = tmp_path / "indb.html"
+    assert main(["--db", indb, "run", "--compute", "in-db", "--seed", "2",
+                 "--max-query-imgs-per-subdir", "5", "--max-neg-imgs-per-query-img", "20",
+                 "--report", str(report)]) == 0
+    assert "cosine top-1" in capsys.readouterr().out and report.is_file()
+    assert main(["schedule", "set", "0 3 * * *", "--dsn", indb]) == 0
+    capsys.readouterr()
+    assert main(["schedule", "list", "--dsn", indb]) == 0
+    assert '"CALL imgsim.refresh()"' in capsys.readouterr().out
+    assert main(["schedule", "drop", "--dsn", indb]) == 0
+    assert main(["schedule", "set", "every day", "--dsn", indb]) == 2
