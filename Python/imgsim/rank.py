@@ -61,7 +61,7 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
             for part, (best, best_sims) in zip(rows, pool.map(
                     lambda r: _best_of_rows(sims[r], k), rows)):
                 indices[start + part] = best
-                distances[start + part] = 1.0 - best_sims
+                distances[start + part] = np.maximum(1.0 - best_sims, 0.0)  # no -0.000
     return indices, distances
 
 
