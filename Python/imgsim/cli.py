@@ -11,13 +11,13 @@ from sqlalchemy.exc import DBAPIError
 
 from . import backbones
 from .checks import ParameterError
-from .evaluate import DEFAULT_KS, SPACES, evaluate_model
+from .evaluate import DEFAULT_KS, evaluate_model
 from .featurize import featurize_images
 from .images import ImageError
 from .deploy import DEFAULT_SERVER_VENV, deploy, drop_jobs, list_jobs, schedule_job, undeploy
 from .pipeline import run_image_similarity, run_in_database
 from .prepare import DEFAULT_SEED, prepare_data
-from .rank import rank_candidates
+from .rank import SPACES, rank_candidates
 from .report import write_report
 from .store import DEFAULT_URL, open_store
 from .sync import sync_image_folder

@@ -18,11 +18,12 @@ import hashlib
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import backbones, checks
 from .featurize import backbone_graph
-from .store.sqlalchemy_store import SQLAlchemyStore
+from .store.sqlalchemy_store import SQLAlchemyStore, libpq_dsn
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "SQLPy"
 DEFAULT_SERVER_VENV = Path("/var/lib/imgsim/venv")
@@ -35,8 +36,7 @@ JOB_NAME = "imgsim-refresh"
 def _connect(dsn: str, autocommit: bool = False):
     import psycopg
 
-    return psycopg.connect(dsn.replace("postgresql+psycopg://", "postgresql://"),
-                           autocommit=autocommit)
+    return psycopg.connect(libpq_dsn(dsn), autocommit=autocommit)
 
 
 def _site_packages(venv: Path) -> Path:
@@ -94,8 +94,8 @@ def deploy(dsn: str, server_venv=None, prepare_venv: bool = True, schedule: str 
     checks.identifier("analyst_role", analyst_role)
     for name in export_backbones:
         backbones.get_spec(name)
-    if schedule is not None and len(schedule.split()) != 5:
-        raise checks.ParameterError(f"schedule must be a 5-field cron expression; got {schedule!r}")
+    if schedule is not None:
+        _check_schedule(schedule)
     venv = Path(server_venv or DEFAULT_SERVER_VENV)
     site = prepare_server_venv(venv, log) if prepare_venv else _site_packages(venv)
     if not (site / "imgsim" / "indb.py").is_file():
@@ -167,27 +167,32 @@ def _cron_database(conn) -> str | None:
     return row[0] if row else None
 
 
-def _cron_dsn(dsn: str, conn) -> tuple[str, str]:
-    """DSN of the database pg_cron lives in (it may not be imgsim's) and imgsim's name."""
+def _check_schedule(schedule: str) -> None:
+    if len(schedule.split()) != 5:
+        raise checks.ParameterError(f"schedule must be a 5-field cron expression; got {schedule!r}")
+
+
+@contextmanager
+def _cron(dsn: str):
+    """A connection to the database pg_cron lives in (it may not be imgsim's), with
+    imgsim's database name and whether the pg_cron extension is created there."""
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    cron_db = _cron_database(conn)
+    with _connect(dsn) as conn:
+        cron_db, database = _cron_database(conn), conn.info.dbname
     if cron_db is None:
         raise RuntimeError("pg_cron is not loaded by the server: add pg_cron to "
                            "shared_preload_libraries (Debian package postgresql-15-cron)")
-    here = conn.info.dbname
-    params = conninfo_to_dict(dsn.replace("postgresql+psycopg://", "postgresql://"))
-    params["dbname"] = cron_db
-    return make_conninfo(**params), here
+    params = {**conninfo_to_dict(libpq_dsn(dsn)), "dbname": cron_db}
+    with _connect(make_conninfo(**params), autocommit=True) as cron:
+        created = cron.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_cron'").fetchone()
+        yield cron, database, bool(created)
 
 
 def schedule_job(dsn: str, schedule: str) -> dict:
     """Install (or replace) the pg_cron job that runs ``CALL imgsim.refresh()``."""
-    if len(schedule.split()) != 5:
-        raise checks.ParameterError(f"schedule must be a 5-field cron expression; got {schedule!r}")
-    with _connect(dsn) as conn:
-        cron_dsn, database = _cron_dsn(dsn, conn)
-    with _connect(cron_dsn, autocommit=True) as cron:
+    _check_schedule(schedule)
+    with _cron(dsn) as (cron, database, _):
         cron.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
         job = cron.execute("SELECT cron.schedule_in_database(%s, %s, %s, %s)",
                            (JOB_NAME, schedule, "CALL imgsim.refresh()", database)).fetchone()[0]
@@ -195,10 +200,8 @@ def schedule_job(dsn: str, schedule: str) -> dict:
 
 
 def list_jobs(dsn: str) -> list[tuple]:
-    with _connect(dsn) as conn:
-        cron_dsn, database = _cron_dsn(dsn, conn)
-    with _connect(cron_dsn, autocommit=True) as cron:
-        if not cron.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_cron'").fetchone():
+    with _cron(dsn) as (cron, database, created):
+        if not created:
             return []
         return cron.execute("SELECT jobid, jobname, schedule, command, database, active "
                             "FROM cron.job WHERE jobname = %s AND database = %s ORDER BY jobid",
@@ -206,10 +209,8 @@ def list_jobs(dsn: str) -> list[tuple]:
 
 
 def drop_jobs(dsn: str) -> int:
-    with _connect(dsn) as conn:
-        cron_dsn, database = _cron_dsn(dsn, conn)
-    with _connect(cron_dsn, autocommit=True) as cron:
-        if not cron.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_cron'").fetchone():
+    with _cron(dsn) as (cron, database, created):
+        if not created:
             return 0
         jobs = cron.execute("SELECT jobid FROM cron.job WHERE jobname = %s AND database = %s",
                             (JOB_NAME, database)).fetchall()

@@ -17,11 +17,11 @@ import numpy as np
 from . import checks
 from .backbones import DEFAULT_BACKBONE
 from .featurize import feature_key
+from .rank import SPACES, space_vectors
 from .runs import recorded
 
 DEFAULT_KS = (1, 2, 4, 5, 8, 10, 15, 20, 28, 32)
 DISTANCES = ("l2", "cosine")
-SPACES = ("scores", "features")
 
 
 def pair_distances(a: np.ndarray, b: np.ndarray, distance: str) -> np.ndarray:
@@ -114,10 +114,7 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
         pairs = np.array(store.evaluation_pairs(), dtype=np.int64).reshape(-1, 3)
         if len(pairs) == 0:
             raise ValueError("evaluation_images is empty: run prepare first")
-        if space == "scores":
-            ids, _, _, matrix = store.score_matrix()
-        else:
-            ids, _, matrix = store.feature_matrix(params["feature_key"])
+        ids, matrix = space_vectors(store, space, params.get("feature_key"))
         row_of = {i: n for n, i in enumerate(ids.tolist())}
         missing = {int(i) for i in np.unique(pairs[:, :2]) if int(i) not in row_of}
         if missing:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from . import checks
 from .backbones import DEFAULT_BACKBONE, SPECS
-from .evaluate import DEFAULT_KS, SPACES, evaluate_model
+from .evaluate import DEFAULT_KS, evaluate_model
 from .featurize import featurize_images
 from .prepare import DEFAULT_SEED, prepare_data
-from .rank import rank_candidates
+from .rank import SPACES, rank_candidates
+from .store.sqlalchemy_store import libpq_dsn
 from .sync import sync_image_folder
 from .train import KINDS, train_classifier
 
@@ -60,6 +61,5 @@ def run_in_database(dsn: str, image_folder=None, **parameters) -> None:
                  if v is not None}
     call = sql.SQL("CALL imgsim.run_image_similarity({})").format(sql.SQL(", ").join(
         sql.SQL("{} => {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in arguments))
-    with psycopg.connect(dsn.replace("postgresql+psycopg://", "postgresql://"),
-                         autocommit=True) as conn:
+    with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
         conn.execute(call, arguments)

@@ -73,6 +73,16 @@ def _best_of_rows(sims: np.ndarray, k: int):
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_sims, order, axis=1)
 
 
+def space_vectors(store, space: str, key: str | None):
+    """``(ids, matrix)`` of every image's vector in ``space``: the classifier's scores, or
+    the features kept under ``key``."""
+    if space == "scores":
+        ids, _, _, matrix = store.score_matrix()
+    else:
+        ids, _, matrix = store.feature_matrix(key)
+    return ids, matrix
+
+
 def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
                     include_self: bool = False, backbone: str = DEFAULT_BACKBONE,
                     weights=None, query_table: str = "query_images") -> dict:
@@ -95,10 +105,7 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
     if space == "features":
         params["feature_key"] = feature_key(backbone, weights)
     with recorded(store, "rank_candidates", params) as run:
-        if space == "scores":
-            ids, _, _, matrix = store.score_matrix()
-        else:
-            ids, _, matrix = store.feature_matrix(params["feature_key"])
+        ids, matrix = space_vectors(store, space, params.get("feature_key"))
         if len(ids) == 0:
             raise ValueError(f"no image has {space}: run train (or featurize) first")
         row_of = {i: n for n, i in enumerate(ids.tolist())}
@@ -180,17 +187,14 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> l
             classifier = _cached("classifier", model_name, graph,
                                  lambda: Classifier(graph, meta["classes"]))
             vector = classifier.predict(vector[None])[1][0]
-            ids, _, _, matrix = store.score_matrix()
-            indices, distances = top_k_cosine(vector[None], matrix, k)
-            found = [(int(ids[i]), float(d)) for i, d in zip(indices[0], distances[0])]
-        elif store.has_vectors():
-            ids = None
+        search = "hnsw" if space == "features" and store.has_vectors() else "exact"
+        if search == "hnsw":
             found = [(int(i), float(d)) for i, d in store.nearest_features(key, vector, k)]
         else:
-            ids, _, matrix = store.feature_matrix(key)
+            ids, matrix = space_vectors(store, space, key)
             indices, distances = top_k_cosine(vector[None], matrix, k)
             found = [(int(ids[i]), float(d)) for i, d in zip(indices[0], distances[0])]
         info = {i: (p, c) for i, p, c, _ in store.image_info([i for i, _ in found])}
         rows = [(i, info[i][0], info[i][1], d) for i, d in found]
-        run.counts.update(returned=len(rows), search="exact" if ids is not None else "hnsw")
+        run.counts.update(returned=len(rows), search=search)
     return rows

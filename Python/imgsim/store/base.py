@@ -151,7 +151,7 @@ class Store:
                   for i, s, v in rows]
         if self.has_vectors():
             for row in values:
-                row["embedding"] = t.VectorText.of(np.frombuffer(row["vector"], VECTOR_DTYPE))
+                row["embedding"] = t.vector_text(np.frombuffer(row["vector"], VECTOR_DTYPE))
             self._write(insert(t.feature_vectors), values)
         else:
             self._write(insert(t.features), values)
@@ -174,7 +174,7 @@ class Store:
         """``(image_id, cosine distance)`` of the ``k`` nearest features by the HNSW index."""
         fv = t.feature_vectors.c
         dim = len(vector)
-        target = cast(literal(t.VectorText.of(vector), t.Vector()), t.Vector(dim))
+        target = cast(literal(t.vector_text(vector), t.Vector()), t.Vector(dim))
         distance = cast(fv.embedding, t.Vector(dim)).op("<=>", return_type=Float)(target)
         with self.transaction():
             self._fetch(select(func.set_config("hnsw.ef_search", str(max(ef_search, k)), True)))
@@ -194,7 +194,7 @@ class Store:
             for image_id, backbone, vector in rows:
                 self._write(update(t.feature_vectors).where(
                     fv.image_id == image_id, fv.backbone == backbone).values(
-                    embedding=t.VectorText.of(np.frombuffer(bytes(vector), VECTOR_DTYPE))))
+                    embedding=t.vector_text(np.frombuffer(bytes(vector), VECTOR_DTYPE))))
         return len(rows)
 
     def feature_matrix(self, backbone: str, ids=None):

@@ -21,6 +21,11 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+def libpq_dsn(url: str) -> str:
+    """The same URL as libpq and psycopg read it (without SQLAlchemy's driver name)."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
 class SQLAlchemyStore(Store):
     """A :class:`~imgsim.store.base.Store` over a SQLAlchemy engine.
 

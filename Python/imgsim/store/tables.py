@@ -144,21 +144,15 @@ class Vector(UserDefinedType):
         return cast(bindvalue, self)  # values travel as text, '[1,2,3]'
 
 
-class VectorText(str):
-    """A vector in pgvector's text form, ``[1,2,3]``, bound as a ``vector`` parameter."""
-
-    @classmethod
-    def of(cls, values) -> "VectorText":
-        return cls("[" + ",".join(f"{float(v):.9g}" for v in values) + "]")
+def vector_text(values) -> str:
+    """A vector in pgvector's text form, ``[1,2,3]`` (bound through :class:`Vector`)."""
+    return "[" + ",".join(f"{float(v):.9g}" for v in values) + "]"
 
 
 # The features table as seen where pgvector is installed: deploy adds ``embedding`` (and
 # HNSW indexes, SQLPy/vector.sql). Kept out of ``metadata``: SQLite has no such type.
 feature_vectors = Table(
     "features", MetaData(schema=SCHEMA),
-    Column("image_id", Integer, primary_key=True),
-    Column("backbone", String(80), primary_key=True),
-    Column("sha256", String(64), nullable=False),
-    Column("vector", LargeBinary, nullable=False),
+    *(Column(c.name, c.type, primary_key=c.primary_key) for c in features.columns),
     Column("embedding", Vector()),
 )
