@@ -86,7 +86,7 @@ END
 $imgsim$;
 
 -- The top_k_candidates most similar images of each query image, into imgsim.ranking_results.
-CREATE OR REPLACE PROCEDURE imgsim.rank_candidates(top_k_candidates int DEFAULT 10, space text DEFAULT 'scores', include_self boolean DEFAULT false, query_table text DEFAULT 'query_images', backbone text DEFAULT 'efficientnet_lite0', weights text DEFAULT NULL)
+CREATE OR REPLACE PROCEDURE imgsim.rank_candidates(top_k_candidates int DEFAULT 10, space text DEFAULT 'scores', include_self boolean DEFAULT false, query_table text DEFAULT 'query_images', backbone text DEFAULT NULL, weights text DEFAULT NULL)
 LANGUAGE plpgsql AS $imgsim$
 BEGIN
   CALL imgsim._call('rank_candidates', jsonb_build_object('top_k_candidates', top_k_candidates, 'space', space, 'include_self', include_self, 'query_table', query_table, 'backbone', backbone, 'weights', weights));
@@ -110,7 +110,7 @@ END
 $imgsim$;
 
 -- Top-k ranking accuracy by L2 and cosine distance; stored in imgsim.ranking_metrics and returned.
-CREATE OR REPLACE FUNCTION imgsim.evaluate_model(ks int[] DEFAULT ARRAY[1,2,4,5,8,10,15,20,28,32], space text DEFAULT 'scores', backbone text DEFAULT 'efficientnet_lite0', weights text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION imgsim.evaluate_model(ks int[] DEFAULT ARRAY[1,2,4,5,8,10,15,20,28,32], space text DEFAULT 'scores', backbone text DEFAULT NULL, weights text DEFAULT NULL)
 RETURNS TABLE(distance text, k int, accuracy float8, mean_rank float8, median_rank float8)
 LANGUAGE plpython3u SECURITY DEFINER
 SET search_path = {search_path}

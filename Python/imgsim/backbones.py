@@ -128,15 +128,21 @@ def build_module(name: str, weights: str | os.PathLike | None = None):
 def export_onnx(name: str, weights: str | os.PathLike | None = None) -> bytes:
     """Export backbone ``name``, preprocessing included, to an ONNX graph (bytes) with a
     dynamic batch axis: uint8 ``(N, H, W, 3)`` pixels in, ``(N, dim)`` features out."""
+    return module_to_onnx(build_module(name, weights), name)
+
+
+def module_to_onnx(module, name: str, part: str = "all") -> bytes:
+    """Export a built backbone module of kind ``name`` (``part`` ``'all'``, or ``'trunk'``:
+    the frozen stages that fine-tuning leaves alone) with its pixel normalisation."""
     import torch
 
     spec = get_spec(name)
-    module = _architectures()["normalised"](build_module(name, weights), spec.mean, spec.std)
+    wrapped = _architectures()["normalised"](module, spec.mean, spec.std, part)
     buffer = io.BytesIO()
     dummy = torch.zeros(2, INPUT_SIZE, INPUT_SIZE, 3, dtype=torch.uint8)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's constant-folding notes
-        torch.onnx.export(module.eval(), (dummy,), buffer, dynamo=False, opset_version=17,
+        torch.onnx.export(wrapped.eval(), (dummy,), buffer, dynamo=False, opset_version=17,
                           input_names=["image"], output_names=["features"],
                           dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
     return buffer.getvalue()
@@ -152,6 +158,12 @@ def _architectures():
         layers = [nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False),
                   nn.BatchNorm2d(cout, eps=eps)]
         return layers + ([act(inplace=True)] if act else [])
+
+    class Backbone(nn.Module):
+        """A backbone is its frozen-when-tuned trunk followed by its top stages."""
+
+        def forward(self, x):
+            return self.top(self.trunk(x))
 
     class TFSamePad(nn.ZeroPad2d):
         """TensorFlow 'SAME' padding for an even input size (asymmetric when stride 2)."""
@@ -184,7 +196,7 @@ def _architectures():
             y = self._bn2(self._project_conv(y))
             return x + y if self.residual else y
 
-    class EfficientNetLite0(nn.Module):
+    class EfficientNetLite0(Backbone):
         # (repeats, kernel, stride, expand, out channels), from the TF reference.
         STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
                   (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
@@ -204,11 +216,19 @@ def _architectures():
             self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
             self.act = nn.ReLU6()
 
-        def forward(self, x):
+        def trunk(self, x):
             x = self.act(self._bn0(self._conv_stem(self._pad(x))))
-            for block in self._blocks:
+            for block in self._blocks[:11]:  # through the 112-channel stage
+                x = block(x)
+            return x
+
+        def top(self, x):
+            for block in self._blocks[11:]:
                 x = block(x)
             return self.act(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
+
+        def top_modules(self):
+            return [*self._blocks[11:], self._conv_head, self._bn1]
 
     class InvertedResidual(nn.Module):
         def __init__(self, cin, cout, stride, expand):
@@ -223,7 +243,7 @@ def _architectures():
         def forward(self, x):
             return x + self.conv(x) if self.residual else self.conv(x)
 
-    class MobileNetV2(nn.Module):
+    class MobileNetV2(Backbone):
         # (expand, out channels, repeats, stride), as in torchvision.
         SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                     (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -238,8 +258,14 @@ def _architectures():
             features.append(nn.Sequential(*conv_bn(cin, 1280, 1, 1)))
             self.features = nn.Sequential(*features)
 
-        def forward(self, x):
-            return self.features(x).mean(dim=(2, 3))
+        def trunk(self, x):
+            return self.features[:14](x)  # through the 96-channel stage
+
+        def top(self, x):
+            return self.features[14:](x).mean(dim=(2, 3))
+
+        def top_modules(self):
+            return list(self.features[14:])
 
     class BasicBlock(nn.Module):
         def __init__(self, cin, cout, stride):
@@ -259,7 +285,7 @@ def _architectures():
             y = self.relu(self.bn1(self.conv1(x)))
             return self.relu(self.bn2(self.conv2(y)) + identity)
 
-    class ResNet18(nn.Module):
+    class ResNet18(Backbone):
         def __init__(self):
             super().__init__()
             self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -271,23 +297,29 @@ def _architectures():
             self.layer3 = nn.Sequential(BasicBlock(128, 256, 2), BasicBlock(256, 256, 1))
             self.layer4 = nn.Sequential(BasicBlock(256, 512, 2), BasicBlock(512, 512, 1))
 
-        def forward(self, x):
+        def trunk(self, x):
             x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return x.mean(dim=(2, 3))
+            return self.layer3(self.layer2(self.layer1(x)))
+
+        def top(self, x):
+            return self.layer4(x).mean(dim=(2, 3))
+
+        def top_modules(self):
+            return [self.layer4]
 
     class Normalised(nn.Module):
-        """uint8 NHWC pixels to normalised NCHW floats, then the backbone."""
+        """uint8 NHWC pixels to normalised NCHW floats, then the backbone (or its trunk)."""
 
-        def __init__(self, backbone, mean, std):
+        def __init__(self, backbone, mean, std, part="all"):
             super().__init__()
             self.backbone = backbone
+            self.part = part
             self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1))
             self.register_buffer("scale", 1.0 / torch.tensor(std).reshape(1, 3, 1, 1))
 
         def forward(self, pixels):
-            x = pixels.permute(0, 3, 1, 2).float()
-            return self.backbone((x - self.mean) * self.scale)
+            x = (pixels.permute(0, 3, 1, 2).float() - self.mean) * self.scale
+            return self.backbone.trunk(x) if self.part == "trunk" else self.backbone(x)
 
     return {"efficientnet_lite0": EfficientNetLite0, "mobilenet_v2": MobileNetV2,
             "resnet18": ResNet18, "normalised": Normalised}

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checks
-from .backbones import DEFAULT_BACKBONE
-from .featurize import feature_key
+from .featurize import features_in_use
 from .rank import SPACES, space_vectors
 from .runs import recorded
 
@@ -91,7 +90,8 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
     ks : list of int
         The k of top-k accuracy (default 1 2 4 5 8 10 15 20 28 32).
     space : {'scores', 'features'}
-        Classifier score vectors (the template's) or the raw backbone features.
+        Classifier score vectors (the template's) or the raw backbone features: those of
+        ``backbone`` when given, else those the current classifier was trained on.
     chart_path : path, optional
         Where to write the PNG chart as well.
 
@@ -109,7 +109,7 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
     checks.choice("space", space, SPACES)
     params = {"ks": ks, "space": space}
     if space == "features":
-        params["feature_key"] = feature_key(backbone or DEFAULT_BACKBONE, weights)
+        params["feature_key"] = features_in_use(store, backbone, weights)
     with recorded(store, "evaluate_model", params) as run:
         pairs = np.array(store.evaluation_pairs(), dtype=np.int64).reshape(-1, 3)
         if len(pairs) == 0:

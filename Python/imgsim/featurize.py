@@ -98,9 +98,21 @@ class Featurizer:
         return self.run(array[None])[0]
 
 
+def features_in_use(store, backbone: str | None = None, weights=None) -> str:
+    """The feature key of ``backbone``; by default the current classifier's (a fine-tuned
+    backbone's when it was tuned), or the default backbone's before any training."""
+    if backbone is None:
+        train = store.last_run("train_classifier")
+        if train is not None:
+            return train[2].get("feature_key") or train[1]["feature_key"]
+        backbone = backbones.DEFAULT_BACKBONE
+    return feature_key(backbone, weights)
+
+
 def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=None,
-                     batch_size: int = 32, progress: bool = True) -> dict:
-    """Compute features for every image that has none for ``backbone``.
+                     batch_size: int = 32, progress: bool = True, model: str | None = None
+                     ) -> dict:
+    """Compute features for every image that has none for ``backbone`` (or ``model``).
 
     Parameters
     ----------
@@ -110,6 +122,9 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
         A torchvision-format state_dict file (required for resnet18).
     batch_size : int
         Images per ONNX Runtime call (1 to 1024).
+    model : str, optional
+        The name of a backbone graph in the models table (such as a fine-tuned one,
+        ``efficientnet_lite0-288-tuned@...``) to use instead of ``backbone``.
 
     Returns
     -------
@@ -125,12 +140,20 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
     checks.count("batch_size", batch_size, 1)
     if batch_size > 1024:
         raise checks.ParameterError(f"batch_size must be <= 1024; got {batch_size}")
-    if backbone == "resnet18" and weights is None:
+    if model is None and backbone == "resnet18" and weights is None:
         raise checks.ParameterError("backbone resnet18 needs weights=PATH (a torchvision-"
                                     "format state_dict file)")
     params = {"backbone": backbone, "weights": str(weights) if weights else None,
               "batch_size": batch_size}
-    key, graph = backbone_graph(store, backbone, weights)
+    if model is None:
+        key, graph = backbone_graph(store, backbone, weights)
+    else:
+        stored = store.load_model(model)
+        if stored is None or "input_size" not in stored[1]:
+            raise checks.ParameterError(f"model {model!r} is not a backbone graph in the "
+                                        "models table")
+        key, graph = model, stored[0]
+        params.update(backbone=stored[1]["backbone"], weights=None, model=model)
     params["feature_key"] = key
     with recorded(store, STEP, params) as run:
         pending = store.pending_images(key, STEP)

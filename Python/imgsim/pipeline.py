@@ -6,6 +6,7 @@ from . import checks
 from .backbones import DEFAULT_BACKBONE, SPECS
 from .evaluate import DEFAULT_KS, evaluate_model
 from .featurize import featurize_images
+from .finetune import DEFAULT_EPOCHS, check_epochs, require_torch
 from .prepare import DEFAULT_SEED, prepare_data
 from .rank import SPACES, rank_candidates
 from .store.sqlalchemy_store import libpq_dsn
@@ -18,9 +19,11 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
                          max_query_imgs_per_subdir: int = 20,
                          max_neg_imgs_per_query_img: int = 100, top_k_candidates: int = 10,
                          ks=DEFAULT_KS, kind: str = "mlp", space: str = "scores",
-                         seed: int = DEFAULT_SEED, chart_path=None,
+                         seed: int = DEFAULT_SEED, fine_tune: bool = False,
+                         epochs: int = DEFAULT_EPOCHS, chart_path=None,
                          progress: bool = True) -> dict:
-    """Sync (when ``image_folder`` is given), featurize, prepare, train, evaluate, rank.
+    """Sync (when ``image_folder`` is given), featurize, prepare, train (fine-tuning the
+    backbone first when ``fine_tune``), evaluate, rank.
 
     Every parameter is checked before any step runs. Returns each step's result
     under its name.
@@ -34,6 +37,9 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
     checks.choice("kind", kind, KINDS)
     checks.choice("space", space, SPACES)
     checks.count("seed", seed, 0)
+    if fine_tune:
+        check_epochs(epochs)
+        require_torch()
     if backbone == "resnet18" and weights is None:
         raise checks.ParameterError("backbone resnet18 needs weights=PATH")
     results = {}
@@ -43,9 +49,11 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
     results["prepare_data"] = prepare_data(store, backbone, weights, ratio_train_test,
                                       max_query_imgs_per_subdir, max_neg_imgs_per_query_img,
                                       seed)
-    results["train_classifier"] = train_classifier(store, backbone, weights, kind, seed)
-    results["evaluate_model"] = evaluate_model(store, ks, space, backbone, weights, chart_path)
-    results["rank_candidates"] = rank_candidates(store, top_k_candidates, space, False, backbone, weights)
+    results["train_classifier"] = train_classifier(store, backbone, weights, kind, seed,
+                                                   fine_tune, epochs, progress)
+    # evaluate and rank use the features the classifier was just trained on
+    results["evaluate_model"] = evaluate_model(store, ks, space, chart_path=chart_path)
+    results["rank_candidates"] = rank_candidates(store, top_k_candidates, space)
     return results
 
 

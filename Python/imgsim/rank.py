@@ -16,8 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import checks
-from .backbones import DEFAULT_BACKBONE
-from .featurize import feature_key
+from .featurize import features_in_use
 from .runs import recorded
 
 SPACES = ("scores", "features")
@@ -84,10 +83,12 @@ def space_vectors(store, space: str, key: str | None):
 
 
 def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
-                    include_self: bool = False, backbone: str = DEFAULT_BACKBONE,
+                    include_self: bool = False, backbone: str | None = None,
                     weights=None, query_table: str = "query_images") -> dict:
     """Rank every scored (or featurized) image as a candidate for each query image.
 
+    In feature space, the features are ``backbone``'s when it is given, else those the
+    current classifier was trained on (a fine-tuned backbone's when it was tuned).
     Queries come from ``query_table`` (a table of schema imgsim with an ``image_id``
     column; by default query_images, or the testing images when it is empty). The
     results go to ranking_results under this run's id.
@@ -103,7 +104,7 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
     params = {"top_k_candidates": top_k, "space": space, "include_self": bool(include_self),
               "query_table": query_table}
     if space == "features":
-        params["feature_key"] = feature_key(backbone, weights)
+        params["feature_key"] = features_in_use(store, backbone, weights)
     with recorded(store, "rank_candidates", params) as run:
         ids, matrix = space_vectors(store, space, params.get("feature_key"))
         if len(ids) == 0:

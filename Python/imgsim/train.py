@@ -12,15 +12,20 @@ regression. The fitted pipeline is converted with skl2onnx and stored in the mod
 table; every image is then scored by ONNX Runtime from those stored bytes (so the
 scores are what any later reader of the model gets) into the scores table: its
 label, the predicted label and the vector of class probabilities.
+
+With ``fine_tune=True`` the backbone's last stages are first tuned on the training
+images (see :mod:`imgsim.finetune`), every image is featurized with the tuned
+backbone, and the classifier is fitted on those features: on the reference set,
+5 seeds, test accuracy and top-k ranking well above the frozen backbone's (README).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import checks
+from . import checks, finetune
 from .backbones import DEFAULT_BACKBONE
-from .featurize import feature_key, onnx_session
+from .featurize import feature_key, featurize_images, onnx_session
 from .prepare import DEFAULT_SEED
 from .runs import recorded
 from .store.base import to_blob
@@ -73,13 +78,18 @@ class Classifier:
 
 
 def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
-                     kind: str = "mlp", seed: int = DEFAULT_SEED) -> dict:
+                     kind: str = "mlp", seed: int = DEFAULT_SEED, fine_tune: bool = False,
+                     epochs: int = finetune.DEFAULT_EPOCHS, progress: bool = False) -> dict:
     """Fit on training_images, store the model as ONNX, score every image.
+
+    ``fine_tune`` first tunes the backbone's last stages for ``epochs`` epochs on the
+    training images (needs torch; a few minutes on two cores for 1,300 images) and
+    trains on the tuned backbone's features.
 
     Returns
     -------
-    dict with ``model`` (its name in the models table), ``train_accuracy``,
-    ``test_accuracy``, ``classes``, ``scored``.
+    dict with ``model`` (its name in the models table), ``feature_key`` (the features
+    it was trained on), ``train_accuracy``, ``test_accuracy``, ``classes``, ``scored``.
 
     Example
     -------
@@ -88,14 +98,23 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
     """
     checks.choice("kind", kind, KINDS)
     checks.count("seed", seed, 0)
+    if fine_tune:
+        finetune.check_epochs(epochs)
+        finetune.require_torch()
     key = feature_key(backbone, weights)
     params = {"backbone": backbone, "weights": str(weights) if weights else None,
-              "feature_key": key, "kind": kind}
+              "feature_key": key, "kind": kind, "fine_tune": bool(fine_tune),
+              "epochs": epochs if fine_tune else None}
     with recorded(store, "train_classifier", params, seed) as run:
-        ids, categories, matrix = store.feature_matrix(key)
         train_ids, test_ids = store.split()
         if not train_ids:
             raise ValueError("training_images is empty: run prepare first")
+        if fine_tune:
+            info = {i: c for i, _, c, _ in store.image_info(train_ids)}
+            key = finetune.fine_tune_backbone(store, train_ids, [info[i] for i in train_ids],
+                                              backbone, weights, epochs, seed, progress)
+            featurize_images(store, model=key, progress=progress)
+        ids, categories, matrix = store.feature_matrix(key)
         row_of = {i: n for n, i in enumerate(ids.tolist())}
         train_rows = [row_of[i] for i in train_ids if i in row_of]
         test_rows = [row_of[i] for i in test_ids if i in row_of]
@@ -116,10 +135,10 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
         with store.transaction():
             store.save_model(name, "classifier", graph, metadata)
             scored = _score_all(store, name, graph, metadata)
-        run.counts.update(model=name, train_accuracy=train_acc, test_accuracy=test_acc,
-                          classes=len(classes), scored=scored)
-    return {"model": name, "train_accuracy": train_acc, "test_accuracy": test_acc,
-            "classes": classes, "scored": scored}
+        run.counts.update(model=name, feature_key=key, train_accuracy=train_acc,
+                          test_accuracy=test_acc, classes=len(classes), scored=scored)
+    return {"model": name, "feature_key": key, "train_accuracy": train_acc,
+            "test_accuracy": test_acc, "classes": classes, "scored": scored}
 
 
 def _score_all(store, name: str, graph: bytes, metadata: dict) -> int:
