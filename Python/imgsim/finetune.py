@@ -27,6 +27,7 @@ fine-tuning runs from a client against the database's store.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import tempfile
 
@@ -46,13 +47,11 @@ BATCH = 32
 
 def require_torch() -> None:
     """Refuse fine-tuning, before anything is touched, where torch is missing."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         raise checks.ParameterError(
             "fine_tune needs torch, which this Python lacks (pip install 'imgsim[export]'); "
             "the database server has none: fine-tune from a client, e.g. "
-            "imgsim train --fine-tune --dsn postgresql://...") from None
+            "imgsim --db postgresql://... train --fine-tune")
 
 
 def check_epochs(epochs: int) -> int:
