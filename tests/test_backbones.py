@@ -64,3 +64,26 @@ def test_stored_graph_is_reused_without_torch_export(empty_store, monkeypatch, t
     monkeypatch.setenv("IMGSIM_CACHE", str(tmp_path / "no-cache"))
     monkeypatch.setattr(backbones, "export_onnx", lambda *a: pytest.fail("exported again"))
     assert backbone_graph(empty_store, "efficientnet_lite0") == (key, graph)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2", "resnet18"])
+def test_the_exported_trunk_feeds_the_top_stages_that_fine_tuning_trains(name):
+    """Fine-tuning trains ``top`` on the exported trunk's outputs, then exports the whole:
+    the two halves must compose to the whole graph, and ``top_modules`` must hold every
+    parameter the top uses (and none of the trunk's)."""
+    module = backbones._architectures()[name]().eval()
+    size = backbones.INPUT_SIZE
+    pixels = np.random.default_rng(1).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
+
+    def run(graph):
+        session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        return session.run(None, {"image": pixels})[0]
+
+    trunk = run(backbones.module_to_onnx(module, name, part="trunk"))
+    with torch.no_grad():
+        composed = module.top(torch.from_numpy(trunk)).numpy()
+    assert np.allclose(composed, run(backbones.module_to_onnx(module, name)), atol=1e-4)
+    top = {id(p) for m in module.top_modules() for p in m.parameters()}
+    module.top(torch.from_numpy(trunk)).sum().backward()
+    used = {id(p) for p in module.parameters() if p.grad is not None}
+    assert used == top

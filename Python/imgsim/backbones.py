@@ -17,8 +17,13 @@ of the weights it loads, so that no model hub and no torchvision is needed:
 The exported ONNX graph takes a uint8 batch of pixels ``(N, 288, 288, 3)`` (see
 :mod:`imgsim.images`), normalises it with the backbone's mean and standard
 deviation, and returns the global-average-pooled output of the last convolutional
-stage, ``(N, dim)``. Torch is only needed to export; running the graph needs ONNX
-Runtime alone.
+stage, ``(N, dim)``. Torch is only needed to export (and to fine-tune); running the
+graph needs ONNX Runtime alone.
+
+Each module is its ``trunk`` (the early stages, frozen when fine-tuning) followed by
+its ``top`` (the stages :mod:`imgsim.finetune` trains, listed by ``top_modules``):
+efficientnet_lite0's last two stages and head convolution, mobilenet_v2's last two
+stages and last convolution, resnet18's ``layer4``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .checks import ParameterError
 from .evaluate import evaluate_model
-from .featurize import featurize_images, features_in_use
+from .featurize import feature_key, featurize_images, features_in_use
 from .pipeline import run_image_similarity
 from .prepare import prepare_data
 from .rank import rank_candidates, similar_images
@@ -33,8 +33,9 @@ def _refresh(store, top_k_candidates=10, space="scores"):
         raise ValueError("no classifier has been trained yet: nothing to refresh")
     backbone, weights = train[1]["backbone"], train[1].get("weights")
     featurize_images(store, backbone, weights, progress=False)
-    # a fine-tuned classifier needs its tuned backbone's features too (a no-op otherwise)
-    featurize_images(store, model=features_in_use(store), progress=False)
+    key = features_in_use(store)
+    if key != feature_key(backbone, weights):  # a fine-tuned backbone's features too
+        featurize_images(store, model=key, progress=False)
     score_images(store)
     rank_candidates(store, top_k_candidates, space)
 
