@@ -110,9 +110,12 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
         if not train_ids:
             raise ValueError("training_images is empty: run prepare first")
         if fine_tune:
-            info = {i: c for i, _, c, _ in store.image_info(train_ids)}
-            key = finetune.fine_tune_backbone(store, train_ids, [info[i] for i in train_ids],
-                                              backbone, weights, epochs, seed, progress)
+            category_of = {i: c for i, _, c, _ in store.image_info()}
+            train_categories = [category_of[i] for i in train_ids]
+            if len(set(train_categories)) < 2:
+                raise ValueError("the training images cover fewer than 2 categories")
+            key = finetune.fine_tune_backbone(store, train_ids, train_categories, backbone,
+                                              weights, epochs, seed, progress)
             featurize_images(store, model=key, progress=progress)
         ids, categories, matrix = store.feature_matrix(key)
         row_of = {i: n for n, i in enumerate(ids.tolist())}
