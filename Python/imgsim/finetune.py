@@ -20,7 +20,8 @@ head are trained on the training images only (the test images never reach it):
 Measured on the reference set (efficientnet_lite0, mlp, 5 seeds, bench/RESULTS.md): test
 accuracy 79.2% -> 89.3%, cosine top-1 43.9% -> 65.5%, top-32 91.7% -> 96.1%, for about
 6 minutes on 2 cores. Tuning only the last stage was 3x faster but 11 points worse at
-top-1 (one seed); mirrored test-time views gave no consistent gain (two seeds).
+top-1 (one seed); tuning three stages was 2x slower and no better (one seed); mirrored
+test-time views gave no consistent gain (two seeds).
 Torch is needed (the ``export`` extra); the database server does not have it, so
 fine-tuning runs from a client against the database's store.
 """
