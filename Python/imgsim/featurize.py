@@ -54,12 +54,16 @@ def backbone_graph(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=No
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(graph)
         tmp.replace(cached)
-    spec = backbones.get_spec(backbone)
     with store.transaction():
-        store.save_model(key, "backbone", graph, {
-            "backbone": backbone, "dim": spec.dim, "input_size": backbones.INPUT_SIZE,
-            "mean": list(spec.mean), "std": list(spec.std), "weights": spec.weights_source})
+        store.save_model(key, "backbone", graph, graph_metadata(backbone))
     return key, graph
+
+
+def graph_metadata(backbone: str) -> dict:
+    """What the models table keeps beside a backbone graph (its ``input_size`` marks it)."""
+    spec = backbones.get_spec(backbone)
+    return {"backbone": backbone, "dim": spec.dim, "input_size": backbones.INPUT_SIZE,
+            "mean": list(spec.mean), "std": list(spec.std), "weights": spec.weights_source}
 
 
 def onnx_session(graph: bytes, threads: int | None = None):

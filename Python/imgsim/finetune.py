@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import backbones, checks
-from .featurize import Featurizer, feature_key
+from .featurize import Featurizer, feature_key, graph_metadata
 from .images import SIZE, ImageError, load_rgb
 
 VIEWS = 6
@@ -47,8 +47,10 @@ MAX_EPOCHS = 200
 BATCH = 32
 
 
-def require_torch() -> None:
-    """Refuse fine-tuning, before anything is touched, where torch is missing."""
+def check_request(epochs: int) -> None:
+    """Refuse a fine-tune, before anything is touched, for bad ``epochs`` or where torch
+    is missing."""
+    check_epochs(epochs)
     if importlib.util.find_spec("torch") is None:
         raise checks.ParameterError(
             "fine_tune needs torch, which this Python lacks (pip install 'imgsim[export]'); "
@@ -97,13 +99,11 @@ def fine_tune_backbone(store, train_ids, categories, backbone: str = backbones.D
         del outputs
     graph = backbones.module_to_onnx(module.eval(), backbone)
     key = f"{backbone}-{backbones.INPUT_SIZE}-tuned@{hashlib.sha256(graph).hexdigest()[:12]}"
-    spec = backbones.get_spec(backbone)
     with store.transaction():
         store.save_model(key, "backbone", graph, {
-            "backbone": backbone, "dim": spec.dim, "input_size": backbones.INPUT_SIZE,
-            "mean": list(spec.mean), "std": list(spec.std), "weights": spec.weights_source,
-            "tuned_from": feature_key(backbone, weights), "epochs": epochs, "views": VIEWS,
-            "seed": seed, "train_images": int(len(kept)), "classes": classes})
+            **graph_metadata(backbone), "tuned_from": feature_key(backbone, weights),
+            "epochs": epochs, "views": VIEWS, "seed": seed, "train_images": int(len(kept)),
+            "classes": classes})
     return key
 
 

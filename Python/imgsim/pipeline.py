@@ -6,7 +6,7 @@ from . import checks
 from .backbones import DEFAULT_BACKBONE, SPECS
 from .evaluate import DEFAULT_KS, evaluate_model
 from .featurize import featurize_images
-from .finetune import DEFAULT_EPOCHS, check_epochs, require_torch
+from .finetune import DEFAULT_EPOCHS, check_request
 from .prepare import DEFAULT_SEED, prepare_data
 from .rank import SPACES, rank_candidates
 from .store.sqlalchemy_store import libpq_dsn
@@ -38,8 +38,7 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
     checks.choice("space", space, SPACES)
     checks.count("seed", seed, 0)
     if fine_tune:
-        check_epochs(epochs)
-        require_torch()
+        check_request(epochs)
     if backbone == "resnet18" and weights is None:
         raise checks.ParameterError("backbone resnet18 needs weights=PATH")
     results = {}

@@ -99,8 +99,7 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
     checks.choice("kind", kind, KINDS)
     checks.count("seed", seed, 0)
     if fine_tune:
-        finetune.check_epochs(epochs)
-        finetune.require_torch()
+        finetune.check_request(epochs)
     key = feature_key(backbone, weights)
     params = {"backbone": backbone, "weights": str(weights) if weights else None,
               "feature_key": key, "kind": kind, "fine_tune": bool(fine_tune),
