@@ -58,6 +58,18 @@ def texture_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def small_folder(texture_folder, tmp_path):
+    """A private folder of 3 categories x 4 images, to change on disk."""
+    folder = tmp_path / "small"
+    for category in ("argyle", "dotted", "zebra"):
+        (folder / category).mkdir(parents=True)
+        for n in range(4):
+            name = f"{category}_{n:03d}.jpg"
+            shutil.copy(texture_folder / category / name, folder / category / name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def pipeline_db(tmp_path_factory, texture_folder):
     """A SQLite file on which run_image_similarity has run once, and its results."""

@@ -66,17 +66,18 @@ def test_deploy_creates_schema_routines_roles_and_the_backbone(deployed):
                                      "'imgsim'::regnamespace").split()}
     assert routines == {"sync_image_folder", "featurize_images", "prepare_data",
                         "train_classifier", "evaluate_model", "rank_candidates",
-                        "run_image_similarity", "similar_images", "refresh",
-                        "_call", "_run", "_record_failure"}
+                        "set_query_images", "run_image_similarity", "similar_images", "refresh",
+                        "_step"}
     owners = psql(dsn, "SELECT DISTINCT pg_get_userbyid(proowner) FROM pg_proc "
                        "WHERE pronamespace = 'imgsim'::regnamespace").split()
     assert owners == ["imgsim_admin"]
-    importing = psql(dsn, "SELECT proname || '|' || array_to_string(proconfig, ',') FROM pg_proc "
-                          "WHERE pronamespace = 'imgsim'::regnamespace AND prosecdef "
-                          "AND prolang = (SELECT oid FROM pg_language "
-                          "WHERE lanname = 'plpython3u') ORDER BY 1").splitlines()
-    assert [r.split("|")[0] for r in importing] == ["_run", "evaluate_model", "similar_images"]
-    assert all(f"imgsim.site={report['server_site']}" in r for r in importing)
+    definers = psql(dsn, "SELECT proname || '|' || array_to_string(proconfig, ',') FROM pg_proc "
+                         "WHERE pronamespace = 'imgsim'::regnamespace AND prosecdef").splitlines()
+    assert definers == ["_step|search_path=pg_catalog, imgsim, pg_temp"]
+    bodies = psql(dsn, "SELECT count(*) FROM pg_proc WHERE pronamespace = "
+                       "'imgsim'::regnamespace AND prosrc LIKE :'site'",
+                  site=f"%SITE, BUILD = '{report['server_site']}', '{report['build']}'%")
+    assert int(bodies) == len(routines)
     assert one(dsn, "SELECT count(*) FROM imgsim.models WHERE kind = 'backbone'")[0] == 1
     assert report["pgvector"] is True
 
@@ -243,11 +244,11 @@ def test_bad_parameters_and_injection_are_refused_before_anything_changes(indb):
 
 def test_a_failed_step_is_recorded_and_keeps_earlier_results(indb):
     before = psql(indb, "SELECT image_id FROM imgsim.testing_images ORDER BY 1")
-    with pytest.raises(psycopg.Error, match="has 1 test image"):
-        one(indb, "CALL imgsim.prepare_data(ratio_train_test => 0.95)")
+    with pytest.raises(psycopg.errors.DataException, match="no image has features"):
+        one(indb, "CALL imgsim.prepare_data(backbone => 'mobilenet_v2')")
     assert psql(indb, "SELECT image_id FROM imgsim.testing_images ORDER BY 1") == before
     status, error = one(indb, "SELECT status, error FROM imgsim.runs ORDER BY id DESC LIMIT 1")
-    assert status == "failed" and "has 1 test image" in error
+    assert status == "failed" and "no image has features" in error
 
 
 def test_analyst_runs_procedures_and_reads_but_cannot_change_code_models_or_settings(indb):
@@ -259,8 +260,10 @@ def test_analyst_runs_procedures_and_reads_but_cannot_change_code_models_or_sett
         conn.execute("SET imgsim.site = '/tmp/elsewhere'")  # a session setting changes nothing
         conn.execute("CALL imgsim.rank_candidates(top_k_candidates => 3)")
         assert conn.execute("SELECT count(*) FROM imgsim.scores").fetchone()[0] > 0
-        conn.execute("DELETE FROM imgsim.query_images")  # choosing queries is allowed
-        refused = [
+        conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")  # choosing queries is
+        refused = [  # allowed, through the routine
+            "DELETE FROM imgsim.query_images",
+            "INSERT INTO imgsim.query_images VALUES (1)",
             "INSERT INTO imgsim.models VALUES ('x', 'classifier', 'onnx', '\\x00', '{}', now())",
             "UPDATE imgsim.models SET data = '\\x00'",
             "DELETE FROM imgsim.scores",
@@ -305,7 +308,7 @@ def test_redeploy_upgrades_in_place_keeping_data_and_undeploy_removes_it_all(pg_
                      "added) VALUES ('a/x.jpg', 'a', 'ff', 1, '\\x00', now())")
     deploy(dsn, admin_role="shop_admin", analyst_role="shop_analyst", **quiet)
     assert one(dsn, "SELECT path FROM imgsim.images") == ("a/x.jpg",)
-    undeploy(dsn, admin_role="shop_admin", analyst_role="shop_analyst")
+    undeploy(dsn)
     assert one(dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'imgsim'") == (0,)
     assert one(dsn, "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'shop_%%'") == (0,)
 

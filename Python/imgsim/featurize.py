@@ -4,24 +4,28 @@ Each backbone is exported once to ONNX (see :mod:`imgsim.backbones`), keyed by t
 SHA-256 of its weights: cached on disk (``$IMGSIM_CACHE``, default
 ``~/.cache/imgsim``) and stored in the models table, from which later runs load it
 without torch. Images are decoded on a worker thread while the previous batch is
-inferred; only one batch of image bytes is held at a time, so memory stays flat
-however many images there are. The step is incremental: an image whose content
-already has features for this backbone (under any path) is not run again, and
-content already recorded as undecodable is not retried.
+inferred; only one batch of image bytes is held at a time, and a batch holds no more
+images than the memory setting allows (:mod:`imgsim.settings`), so memory stays flat
+however many images there are and whatever batch size is asked for. Each finished
+batch is kept (committed) before the next one starts. The step is incremental: an image
+whose content already has features for this backbone (under any path) is not run again,
+and content already recorded as undecodable is not retried.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import signal
+from concurrent.futures import ThreadPoolExecutor, TimeoutError
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from . import backbones, checks
-from .images import ImageError, preprocess
-from .runs import recorded
+from . import backbones, checks, settings
+from .images import MAX_PIXELS, ImageError, preprocess
+from .runs import recorded, stepwise
 from .store.base import to_blob
 
 STEP = "featurize_images"
@@ -40,11 +44,17 @@ def feature_key(backbone: str, weights=None) -> str:
 
 def backbone_graph(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=None):
     """ONNX bytes of ``backbone``: from the models table, the disk cache, or a fresh export
-    (stored in both). Returns ``(key, onnx_bytes)``."""
+    (stored in both). Returns ``(key, onnx_bytes)``. Inside the server only the models
+    table is used (no torch, no files written)."""
     key = feature_key(backbone, weights)
     stored = store.load_model(key)
     if stored is not None:
         return key, stored[0]
+    if not store.local_files:
+        raise checks.ParameterError(
+            f"backbone {key} is not in the models table: deploy stores the default backbone; "
+            f"store another by featurizing with it once from a client (imgsim --db ... "
+            f"featurize --backbone {backbone})")
     cached = cache_dir() / f"{key}.onnx"
     if cached.is_file():
         graph = cached.read_bytes()
@@ -66,28 +76,50 @@ def graph_metadata(backbone: str) -> dict:
             "mean": list(spec.mean), "std": list(spec.std), "weights": spec.weights_source}
 
 
+@contextmanager
+def signals_blocked():
+    """Threads started inside inherit a mask that blocks every signal, so that signals
+    (Ctrl-C; a cancel or shutdown inside a PostgreSQL backend) reach the main thread."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _block_signals() -> None:
+    """In a worker thread: leave every signal to the main thread."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
 def onnx_session(graph: bytes, threads: int | None = None):
-    """An ONNX Runtime CPU session for a graph given as bytes."""
+    """An ONNX Runtime CPU session for a graph given as bytes (telemetry off: see
+    ``imgsim/__init__.py``)."""
     import onnxruntime as ort
 
+    ort.disable_telemetry_events()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    with signals_blocked():  # ONNX Runtime's thread pool starts here
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 class Featurizer:
-    """Bytes of images to embeddings with one backbone graph."""
+    """Bytes of images to embeddings with one backbone graph; ``max_decode_bytes`` bounds
+    the memory decoding one image may take (see :mod:`imgsim.settings`)."""
 
-    def __init__(self, graph: bytes, threads: int | None = None):
+    def __init__(self, graph: bytes, threads: int | None = None,
+                 max_decode_bytes: int | None = None):
         self.session = onnx_session(graph, threads)
         self.input = self.session.get_inputs()[0].name
+        self.max_decode_bytes = max_decode_bytes
 
     def prepare(self, data: bytes):
         """Preprocess one image; an ImageError is returned, not raised."""
         try:
-            return preprocess(data)
+            return preprocess(data, MAX_PIXELS, self.max_decode_bytes)
         except ImageError as exc:
             return exc
 
@@ -113,6 +145,7 @@ def features_in_use(store, backbone: str | None = None, weights=None) -> str:
     return feature_key(backbone, weights)
 
 
+@stepwise
 def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=None,
                      batch_size: int = 32, progress: bool = True, model: str | None = None
                      ) -> dict:
@@ -125,7 +158,7 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
     weights : path, optional
         A torchvision-format state_dict file (required for resnet18).
     batch_size : int
-        Images per ONNX Runtime call (1 to 1024).
+        Images per batch (1 to 1024); fewer when the memory setting allows fewer.
     model : str, optional
         The name of a backbone graph in the models table (such as a fine-tuned one,
         ``efficientnet_lite0-288-tuned@...``) to use instead of ``backbone``.
@@ -133,12 +166,13 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
     Returns
     -------
     dict of counts: ``featurized``, ``reused`` (same content seen before),
-    ``failed`` (recorded in image_errors), ``pending`` (images considered).
+    ``failed`` (recorded in image_errors), ``pending`` (images considered),
+    ``batch_size`` (images per batch, as the memory setting allowed).
 
     Example
     -------
     >>> featurize_images(store)  # doctest: +SKIP
-    {'pending': 352, 'featurized': 350, 'reused': 0, 'failed': 2}
+    {'pending': 352, 'featurized': 350, 'reused': 0, 'failed': 2, 'batch_size': 16}
     """
     checks.choice("backbone", backbone, sorted(backbones.SPECS))
     checks.count("batch_size", batch_size, 1)
@@ -147,42 +181,62 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
     if model is None and backbone == "resnet18" and weights is None:
         raise checks.ParameterError("backbone resnet18 needs weights=PATH (a torchvision-"
                                     "format state_dict file)")
+    if weights is not None:
+        weights = store.readable_path(weights, "weights")
     params = {"backbone": backbone, "weights": str(weights) if weights else None,
               "batch_size": batch_size}
     if model is None:
-        key, graph = backbone_graph(store, backbone, weights)
+        key = feature_key(backbone, weights)
+        if not store.local_files and not store.model_digests([key]):
+            backbone_graph(store, backbone, weights)  # refuses, saying how to store it
     else:
-        stored = store.load_model(model)
-        if stored is None or "input_size" not in stored[1]:
+        found = store.model_digests([model]).get(model)
+        if found is None or "input_size" not in found[1]:
             raise checks.ParameterError(f"model {model!r} is not a backbone graph in the "
                                         "models table")
-        key, graph = model, stored[0]
-        params.update(backbone=stored[1]["backbone"], weights=None, model=model)
+        key = model
+        params.update(backbone=found[1]["backbone"], weights=None, model=model)
     params["feature_key"] = key
-    with recorded(store, STEP, params) as run:
+    budget = settings.budget(store)
+    batch_size = min(batch_size, budget.images_at_once)
+    with store.lock(), recorded(store, STEP, params) as run:
+        yield
+        graph = (backbone_graph(store, backbone, weights)[1] if model is None
+                 else store.load_model(model)[0])
         pending = store.pending_images(key, STEP)
-        counts = {"pending": len(pending), "featurized": 0, "reused": 0, "failed": 0}
+        counts = {"pending": len(pending), "featurized": 0, "reused": 0, "failed": 0,
+                  "batch_size": batch_size}
         run.progress(**counts)
         if pending:
-            featurizer = Featurizer(graph)
+            featurizer = Featurizer(graph, max_decode_bytes=budget.decode_bytes)
             bar = tqdm(total=len(pending), desc=f"featurize {backbone}", unit="img",
                        disable=not progress)
             batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
             # Store access stays on this thread (plpy is single-threaded); the worker
             # thread only decodes, overlapping with inference of the previous batch.
-            with ThreadPoolExecutor(max_workers=1) as pool:
+            with ThreadPoolExecutor(max_workers=1, initializer=_block_signals) as pool:
                 future = pool.submit(_decode, featurizer, _load(store, key, batches[0]))
                 for index in range(len(batches)):
-                    decoded = future.result()
+                    decoded = _wait(store, future)
                     if index + 1 < len(batches):
                         future = pool.submit(_decode, featurizer,
                                              _load(store, key, batches[index + 1]))
                     _embed_and_store(store, featurizer, key, decoded, run, counts)
                     bar.update(len(batches[index]))
                     run.progress(**counts)
+                    yield
             bar.close()
         run.counts.update(counts)
     return counts
+
+
+def _wait(store, future):
+    """The decoded batch, answering a cancel while the worker decodes."""
+    while True:
+        try:
+            return future.result(timeout=0.25)
+        except TimeoutError:
+            store.check_interrupts()
 
 
 def _load(store, key, batch):

@@ -2,7 +2,12 @@
 
 Preprocessing, the same for every backbone, step and compute context:
 
-1. decode with Pillow; refuse images over ``MAX_PIXELS`` before decoding pixels;
+1. decode with Pillow; refuse images over ``MAX_PIXELS`` before decoding pixels, and
+   images whose decoded pixels would not fit the memory allowed (``max_decode_bytes``);
+   decode only as many pixels as the result needs: a JPEG is decoded reduced by its
+   DCT scaling (1/2, 1/4 or 1/8, the smallest whose shorter side stays at least 288 px),
+   other formats are box-reduced right after decoding, by the factor the final resize
+   would reduce by anyway (``reducing_gap`` 3), before any conversion copies them;
 2. apply the EXIF orientation;
 3. convert to 8-bit RGB: transparency (RGBA, LA, palette with transparency) is
    composited on white, 16-bit and 32-bit grayscale is scaled to 8 bits, CMYK and
@@ -27,14 +32,25 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000
 SIZE = 288
+REDUCING_GAP = 3.0
+# Modes Image.reduce cannot average (palette indices, bilevel, 16-bit): converted first.
+CONVERT_FIRST = {"1", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 class ImageError(ValueError):
     """An image that cannot be used; the message is the reason recorded in image_errors."""
 
 
-def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode ``data`` to an 8-bit RGB image, or raise ImageError saying why not."""
+def decode_bytes(width: int, height: int, mode: str) -> int:
+    """Memory that decoding ``width x height`` pixels of ``mode`` takes at its peak: Pillow
+    keeps 4 bytes a pixel; modes converted before reducing need a second copy."""
+    return width * height * (8 if mode in CONVERT_FIRST else 4)
+
+
+def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
+             max_decode_bytes: int | None = None) -> Image.Image:
+    """Decode ``data`` to an 8-bit RGB image whose shorter side is at least ``size`` (or
+    the image's own, when smaller), or raise ImageError saying why not."""
     if not data:
         raise ImageError("empty file")
     try:
@@ -44,6 +60,14 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(f"{width}x{height} pixels is over the limit of {max_pixels}")
+            if image.format == "JPEG" and min(width, height) > size:
+                scale = min(width, height) / size
+                image.draft("RGB", (int(width / scale), int(height / scale)))
+            need = decode_bytes(*image.size, image.mode)
+            if max_decode_bytes is not None and need > max_decode_bytes:
+                raise ImageError(
+                    f"{width}x{height} pixels needs {need >> 20} MB to decode, more than the "
+                    f"{max_decode_bytes >> 20} MB the memory setting allows")
             image.load()
     except ImageError:
         raise
@@ -52,25 +76,38 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode: {exc}") from None
+    exif = image.getexif()
+    if image.mode in CONVERT_FIRST:
+        image = to_rgb(image)
+    factor = int(min(image.size) / size / REDUCING_GAP)
+    if factor > 1:
+        image = image.reduce(factor)
     try:
-        image = ImageOps.exif_transpose(image)
+        image = ImageOps.exif_transpose(_with_exif(image, exif))
     except Exception:  # a broken EXIF block must not lose an otherwise good image
         pass
     return to_rgb(image)
+
+
+def _with_exif(image: Image.Image, exif) -> Image.Image:
+    """``image`` carrying ``exif`` (a converted or reduced copy loses the original's)."""
+    if exif and not image.getexif():
+        image.info["exif"] = exif.tobytes()
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB (transparency on white, 16-bit scaled)."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
         peak = float(array.max()) if array.size else 0.0
         if image.mode.startswith("I;16"):
             top = 65535.0
         else:
             top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
-        gray = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+        gray = np.clip(array * np.float32(255.0 / top), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -91,15 +128,16 @@ def center_square(image: Image.Image, size: int = SIZE) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def preprocess(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def preprocess(data: bytes, max_pixels: int = MAX_PIXELS,
+               max_decode_bytes: int | None = None) -> np.ndarray:
     """Bytes of one image to its ``(SIZE, SIZE, 3)`` uint8 pixels, ready for a backbone
     graph (which normalises them itself)."""
-    return np.asarray(center_square(load_rgb(data, max_pixels)))
+    return np.asarray(center_square(load_rgb(data, max_pixels, SIZE, max_decode_bytes)))
 
 
 def thumbnail(data: bytes, size: int = 96) -> bytes:
     """A small JPEG of the image for reports."""
-    image = center_square(load_rgb(data), size)
+    image = center_square(load_rgb(data, size=size), size)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=80)
     return out.getvalue()

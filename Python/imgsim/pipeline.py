@@ -1,19 +1,22 @@
-"""run_image_similarity: every step in order, as the template's main procedure."""
+"""run_image_similarity: every step in order, as the template's main procedure; refresh:
+what the scheduled job runs."""
 
 from __future__ import annotations
 
-from . import checks
+from . import checks, lineage
 from .backbones import DEFAULT_BACKBONE, SPECS
 from .evaluate import DEFAULT_KS, evaluate_model
-from .featurize import featurize_images
+from .featurize import feature_key, featurize_images, features_in_use
 from .finetune import DEFAULT_EPOCHS, check_request
 from .prepare import DEFAULT_SEED, prepare_data
-from .rank import SPACES, rank_candidates
+from .rank import SPACES, check_k, rank_candidates
+from .runs import stepwise
 from .store.sqlalchemy_store import libpq_dsn
 from .sync import sync_image_folder
-from .train import KINDS, train_classifier
+from .train import KINDS, score_images, train_classifier
 
 
+@stepwise
 def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKBONE,
                          weights=None, ratio_train_test: float = 0.75,
                          max_query_imgs_per_subdir: int = 20,
@@ -21,18 +24,20 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
                          ks=DEFAULT_KS, kind: str = "mlp", space: str = "scores",
                          seed: int = DEFAULT_SEED, fine_tune: bool = False,
                          epochs: int = DEFAULT_EPOCHS, chart_path=None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, replace: bool = False,
+                         keep_conflicts: bool = False) -> dict:
     """Sync (when ``image_folder`` is given), featurize, prepare, train (fine-tuning the
     backbone first when ``fine_tune``), evaluate, rank.
 
-    Every parameter is checked before any step runs. Returns each step's result
-    under its name.
+    Every parameter is checked before any step runs; the steps run under one lock, so
+    no other run's step comes between them, and each step's results are kept when a
+    later one fails. Returns each step's result under its name.
     """
     checks.choice("backbone", backbone, sorted(SPECS))
     checks.ratio("ratio_train_test", ratio_train_test)
     checks.count("max_query_imgs_per_subdir", max_query_imgs_per_subdir, 1)
     checks.count("max_neg_imgs_per_query_img", max_neg_imgs_per_query_img, 0)
-    checks.count("top_k_candidates", top_k_candidates, 1)
+    check_k("top_k_candidates", top_k_candidates)
     checks.ks("ks", ks)
     checks.choice("kind", kind, KINDS)
     checks.choice("space", space, SPACES)
@@ -41,18 +46,51 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
         check_request(epochs)
     if backbone == "resnet18" and weights is None:
         raise checks.ParameterError("backbone resnet18 needs weights=PATH")
-    results = {}
+    if weights is not None:
+        weights = store.readable_path(weights, "weights")
     if image_folder is not None:
-        results["sync_image_folder"] = sync_image_folder(store, image_folder, progress=progress)
-    results["featurize_images"] = featurize_images(store, backbone, weights, progress=progress)
-    results["prepare_data"] = prepare_data(store, backbone, weights, ratio_train_test,
-                                      max_query_imgs_per_subdir, max_neg_imgs_per_query_img,
-                                      seed)
-    results["train_classifier"] = train_classifier(store, backbone, weights, kind, seed,
-                                                   fine_tune, epochs, progress)
-    # evaluate and rank use the features the classifier was just trained on
-    results["evaluate_model"] = evaluate_model(store, ks, space, chart_path=chart_path)
-    results["rank_candidates"] = rank_candidates(store, top_k_candidates, space)
+        store.readable_path(image_folder, "folder")
+    results = {}
+    with store.lock():
+        if image_folder is not None:
+            results["sync_image_folder"] = yield from sync_image_folder.stretches(
+                store, image_folder, replace, progress=progress)
+        results["featurize_images"] = yield from featurize_images.stretches(
+            store, backbone, weights, progress=progress)
+        results["prepare_data"] = yield from prepare_data.stretches(
+            store, backbone, weights, ratio_train_test, max_query_imgs_per_subdir,
+            max_neg_imgs_per_query_img, seed, keep_conflicts)
+        results["train_classifier"] = yield from train_classifier.stretches(
+            store, backbone, weights, kind, seed, fine_tune, epochs, progress)
+        # evaluate and rank use the features the classifier was just trained on
+        results["evaluate_model"] = yield from evaluate_model.stretches(
+            store, ks, space, chart_path=chart_path)
+        results["rank_candidates"] = yield from rank_candidates.stretches(
+            store, top_k_candidates, space)
+    return results
+
+
+@stepwise
+def refresh(store, top_k_candidates: int = 10, space: str = "scores") -> dict:
+    """The scheduled job: featurize new images, re-score every image with the current
+    classifier, rank again (refused, saying what to run, when the classifier is stale)."""
+    check_k("top_k_candidates", top_k_candidates)
+    checks.choice("space", space, SPACES)
+    train = store.last_run("train_classifier")
+    if train is None:
+        raise lineage.StaleInputs("no classifier has been trained yet: nothing to refresh")
+    results = {}
+    with store.lock():
+        backbone, weights = train[1]["backbone"], train[1].get("weights")
+        results["featurize_images"] = yield from featurize_images.stretches(
+            store, backbone, weights, progress=False)
+        key = features_in_use(store)
+        if key != feature_key(backbone, weights):  # a fine-tuned backbone's features too
+            results["featurize_tuned"] = yield from featurize_images.stretches(
+                store, model=key, progress=False)
+        results["score_images"] = yield from score_images.stretches(store)
+        results["rank_candidates"] = yield from rank_candidates.stretches(
+            store, top_k_candidates, space)
     return results
 
 

@@ -9,17 +9,17 @@ vectors (the template's) or the backbone features.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import checks
+from . import checks, lineage, settings
 from .featurize import features_in_use
-from .runs import recorded
+from .runs import recorded, stepwise
 
 SPACES = ("scores", "features")
+MAX_K = 1000
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
@@ -29,10 +29,11 @@ def unit_rows(matrix: np.ndarray) -> np.ndarray:
 
 
 def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None,
-                 block: int = 1024):
+                 block: int = 1024, between_blocks=None):
     """Top-``k`` candidates of each query by cosine distance.
 
     When both id arrays are given, a candidate with the query's own id is excluded.
+    ``between_blocks()`` is called before each block of queries (to answer a cancel).
     Returns ``(indices, distances)``, both ``(n_queries, min(k, n))``, best first;
     indices are rows of ``candidates``; ties go to the lower row.
 
@@ -52,6 +53,8 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
     workers = os.cpu_count() or 1
     with ThreadPoolExecutor(workers) as pool:  # the partial sorts release the GIL
         for start in range(0, len(q), block):
+            if between_blocks is not None:
+                between_blocks()
             sims = q[start:start + block] @ c.T
             if exclude:
                 own = np.asarray(query_ids)[start:start + block, None]
@@ -82,6 +85,14 @@ def space_vectors(store, space: str, key: str | None):
     return ids, matrix
 
 
+def check_k(name: str, k) -> int:
+    k = checks.count(name, k, 1)
+    if k > MAX_K:
+        raise checks.ParameterError(f"{name} must be <= {MAX_K}; got {k}")
+    return k
+
+
+@stepwise
 def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
                     include_self: bool = False, backbone: str | None = None,
                     weights=None, query_table: str = "query_images") -> dict:
@@ -91,26 +102,38 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
     current classifier was trained on (a fine-tuned backbone's when it was tuned).
     Queries come from ``query_table`` (a table of schema imgsim with an ``image_id``
     column; by default query_images, or the testing images when it is empty). The
-    results go to ranking_results under this run's id.
+    results go to ranking_results under this run's id; the run's counts name the split
+    and classifier they were computed from (a classifier trained on another split than
+    the current one is refused).
 
     Example
     -------
     >>> rank_candidates(store, top_k_candidates=5)  # doctest: +SKIP
-    {'run_id': 9, 'queries': 88, 'candidates': 352, 'rows': 440}
+    {'run_id': 9, 'queries': 88, 'candidates': 352, 'rows': 440, ...}
     """
-    top_k = checks.count("top_k_candidates", top_k_candidates, 1)
+    top_k = check_k("top_k_candidates", top_k_candidates)
     checks.choice("space", space, SPACES)
     checks.identifier("query_table", query_table)
-    params = {"top_k_candidates": top_k, "space": space, "include_self": bool(include_self),
+    if not isinstance(include_self, bool):
+        raise checks.ParameterError(f"include_self must be true or false; got {include_self!r}")
+    if weights is not None:
+        weights = store.readable_path(weights, "weights")
+    params = {"top_k_candidates": top_k, "space": space, "include_self": include_self,
               "query_table": query_table}
     if space == "features":
         params["feature_key"] = features_in_use(store, backbone, weights)
-    with recorded(store, "rank_candidates", params) as run:
+    lineage.inputs(store, space, params.get("feature_key"), need_split=False)
+    with store.lock(exclusive=False), recorded(store, "rank_candidates", params) as run:
+        yield
+        query_ids = store.query_ids(query_table)
+        from_split = query_table == "query_images" and not store.query_ids(query_table,
+                                                                          fallback=False)
+        run.counts.update(lineage.inputs(store, space, params.get("feature_key"), from_split))
         ids, matrix = space_vectors(store, space, params.get("feature_key"))
         if len(ids) == 0:
-            raise ValueError(f"no image has {space}: run train (or featurize) first")
+            raise lineage.StaleInputs(f"no image has {space}: run train (or featurize) first")
         row_of = {i: n for n, i in enumerate(ids.tolist())}
-        query_ids = [i for i in store.query_ids(query_table) if i in row_of]
+        query_ids = [i for i in query_ids if i in row_of]
         if not query_ids:
             raise ValueError("no query image has a vector: fill query_images or run prepare")
         queries = matrix[[row_of[i] for i in query_ids]]
@@ -121,7 +144,7 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
         else:
             indices, distances = top_k_cosine(
                 queries, matrix, top_k, None if include_self else np.array(query_ids),
-                None if include_self else ids)
+                None if include_self else ids, between_blocks=store.check_interrupts)
             rows = [(q, r + 1, int(ids[c]), float(d)) for q, idx, dist in
                     zip(query_ids, indices, distances) for r, (c, d) in enumerate(zip(idx, dist))]
         with store.transaction():
@@ -141,14 +164,38 @@ def _index_top_k(store, key, query_ids, queries, k, include_self):
     return rows
 
 
+@stepwise
+def set_query_images(store, image_ids) -> dict:
+    """Choose the query images of rank_candidates (an empty list: the testing images).
+
+    What an analyst may change: the routine checks the ids and holds the step lock, so
+    no one holds the table itself.
+    """
+    if isinstance(image_ids, (str, bytes)) or not hasattr(image_ids, "__iter__"):
+        raise checks.ParameterError(f"image_ids must be a list of image ids; got {image_ids!r}")
+    ids = sorted({checks.count("image_ids", i, 1) for i in image_ids})
+    known = {i for i, _, _, _ in store.image_info(ids)} if ids else set()
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise checks.ParameterError(f"image_ids holds ids that are not images: {unknown[:10]}")
+    with store.lock(), recorded(store, "set_query_images", {"images": len(ids)}) as run:
+        yield
+        store.set_query_images(ids)
+        run.counts.update(queries=len(ids))
+    return dict(run.counts)
+
+
 _SESSIONS: dict = {}
 
 
-def _cached(kind, name, graph, build):
-    """ONNX sessions kept per process (a server backend keeps them between calls)."""
-    key = (kind, name, hashlib.sha256(graph).hexdigest())
+def _cached(name: str, digest: str, load, build):
+    """ONNX sessions kept per process, by model name and the SHA-256 of its bytes (a server
+    backend keeps them between calls; the bytes are read only when the digest is new)."""
+    key = (name, digest)
     if key not in _SESSIONS:
-        _SESSIONS[key] = build()
+        for stale in [k for k in _SESSIONS if k[0] == name]:
+            del _SESSIONS[stale]
+        _SESSIONS[key] = build(load(name))
     return _SESSIONS[key]
 
 
@@ -157,7 +204,9 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> l
 
     The image is featurized with the backbone the current classifier was trained on and
     scored by that classifier, then ranked against every scored (or featurized) image.
-    Returns ``(image_id, path, category, distance)`` rows, nearest first.
+    A query: it writes nothing (so it runs in a read-only transaction and on a standby)
+    and takes no lock. Returns ``(image_id, path, category, distance)`` rows, nearest
+    first.
 
     Example
     -------
@@ -167,35 +216,42 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> l
     from .featurize import Featurizer
     from .train import Classifier
 
-    k = checks.count("k", k, 1)
+    k = check_k("k", k)
     checks.choice("space", space, SPACES)
     if not isinstance(image, (bytes, bytearray, memoryview)):
         raise checks.ParameterError("image must be the bytes of an image file")
-    with recorded(store, "similar_images", {"k": k, "space": space, "bytes": len(image)}) as run:
-        train = store.last_run("train_classifier")
-        if train is None:
-            raise ValueError("no classifier has been trained: run train first")
-        model_name = train[2]["model"]
-        graph, meta = store.load_model(model_name)
-        key = meta["feature_key"]
-        backbone = store.load_model(key)
-        if backbone is None:
-            raise ValueError(f"backbone graph {key} is not in the models table: featurize first")
-        featurizer = _cached("backbone", key, backbone[0],
-                             lambda: Featurizer(backbone[0]))
-        vector = featurizer.embed(bytes(image))
-        if space == "scores":
-            classifier = _cached("classifier", model_name, graph,
-                                 lambda: Classifier(graph, meta["classes"]))
-            vector = classifier.predict(vector[None])[1][0]
-        search = "hnsw" if space == "features" and store.has_vectors() else "exact"
-        if search == "hnsw":
-            found = [(int(i), float(d)) for i, d in store.nearest_features(key, vector, k)]
-        else:
-            ids, matrix = space_vectors(store, space, key)
-            indices, distances = top_k_cosine(vector[None], matrix, k)
-            found = [(int(ids[i]), float(d)) for i, d in zip(indices[0], distances[0])]
-        info = {i: (p, c) for i, p, c, _ in store.image_info([i for i, _ in found])}
-        rows = [(i, info[i][0], info[i][1], d) for i, d in found]
-        run.counts.update(returned=len(rows), search=search)
-    return rows
+    train = store.last_run("train_classifier")
+    if train is None:
+        raise lineage.StaleInputs("no classifier has been trained: run train first")
+    model_name = train[2]["model"]
+    digests = store.model_digests([model_name])
+    if model_name not in digests:
+        raise lineage.StaleInputs(f"classifier {model_name} is not in the models table: "
+                                  "run train again")
+    meta = digests[model_name][1]
+    key = meta["feature_key"]
+    digests.update(store.model_digests([key]))
+    if key not in digests:
+        raise lineage.StaleInputs(f"backbone graph {key} is not in the models table: "
+                                  "featurize first")
+    budget = settings.budget(store)
+    featurizer = _cached(key, digests[key][0], lambda n: store.load_model(n)[0],
+                         lambda graph: Featurizer(graph))
+    featurizer.max_decode_bytes = budget.decode_bytes
+    array = featurizer.prepare(bytes(image))
+    if not isinstance(array, np.ndarray):
+        raise array
+    vector = featurizer.run(array[None])[0]
+    if space == "scores":
+        classifier = _cached(model_name, digests[model_name][0],
+                             lambda n: store.load_model(n)[0],
+                             lambda graph: Classifier(graph, meta["classes"]))
+        vector = classifier.predict(vector[None])[1][0]
+    if space == "features" and store.has_vectors():
+        found = [(int(i), float(d)) for i, d in store.nearest_features(key, vector, k)]
+    else:
+        ids, matrix = space_vectors(store, space, key)
+        indices, distances = top_k_cosine(vector[None], matrix, k)
+        found = [(int(ids[i]), float(d)) for i, d in zip(indices[0], distances[0])]
+    info = {i: (p, c) for i, p, c, _ in store.image_info([i for i, _ in found])}
+    return [(i, info[i][0], info[i][1], d) for i, d in found]

@@ -1,8 +1,11 @@
-"""report: one self-contained HTML file of the latest results.
+"""report: one self-contained HTML file of the latest results of one lineage.
 
-Classifier accuracy, the ranking chart and metrics, a confusion matrix of the test
-images, the images that could not be used, and for a sample of queries their
-top-K candidates as thumbnails with distances (green: same category).
+Which split, classifier and features the results come from; classifier accuracy, the
+ranking chart and metrics, a confusion matrix of the test images, copies and label
+conflicts the split found, the images that could not be used, and for a sample of
+queries their top-K candidates as thumbnails with distances (green: same category).
+Results computed from an earlier split or classifier are not shown (see
+:func:`imgsim.lineage.current_results`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import lineage
 from .evaluate import ranking_chart
 from .images import ImageError, thumbnail
 
@@ -42,7 +46,9 @@ def write_report(store, path="imgsim_report.html", sample_queries: int = 8) -> P
     parts = [f"<!doctype html><meta charset='utf-8'><title>imgsim report</title>"
              f"<style>{STYLE}</style><h1>imgsim report</h1>"
              f"<p>Written {dt.datetime.now().isoformat(timespec='seconds')}.</p>"]
-    train = store.last_run("train_classifier")
+    results = lineage.current_results(store)
+    parts.append(_lineage_html(results))
+    train = results["train"]
     if train:
         counts = train[2]
         test_acc = counts.get("test_accuracy")
@@ -50,11 +56,11 @@ def write_report(store, path="imgsim_report.html", sample_queries: int = 8) -> P
                      f"training accuracy {100 * counts['train_accuracy']:.1f}%, test accuracy "
                      f"{'n/a' if test_acc is None else f'{100 * test_acc:.1f}%'}.</p>")
         parts.append(_confusion_html(store))
-    evaluation = store.last_run("evaluate_model")
+    evaluation = results["evaluation"]
     if evaluation:
         metrics = store.metric_rows(evaluation[0])
         parts.append(f"<h2>Ranking accuracy ({escape(evaluation[1]['space'])} space, "
-                     f"{evaluation[2]['queries']} queries)</h2>")
+                     f"{evaluation[2]['queries']} queries, evaluate run {evaluation[0]})</h2>")
         parts.append(_img(ranking_chart(metrics), "image/png"))
         parts.append(_metrics_html(metrics))
     errors = store.image_error_rows()
@@ -63,12 +69,38 @@ def write_report(store, path="imgsim_report.html", sample_queries: int = 8) -> P
         parts.append("<table><tr><th>path</th><th>step</th><th>reason</th></tr>" + "".join(
             f"<tr><td>{escape(p)}</td><td>{escape(s)}</td><td>{escape(r)}</td></tr>"
             for p, s, r, _ in errors) + "</table>")
-    ranking = store.last_run("rank_candidates")
+    ranking = results["ranking"]
     if ranking:
         parts.append(_ranking_html(store, ranking[0], sample_queries))
     path = Path(path)
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _lineage_html(results) -> str:
+    """What the results below were computed from, and the split's copies and conflicts."""
+    split, train = results["split"], results["train"]
+    html = ["<h2>Lineage</h2><ul>"]
+    if split is not None:
+        counts = split[2]
+        html.append(f"<li>Split: prepare run {split[0]} (seed {split[3]}, features "
+                    f"<code>{escape(str(split[1].get('feature_key')))}</code>): "
+                    f"{counts.get('train')} training and {counts.get('test')} test images, "
+                    f"{counts.get('queries')} evaluation queries.</li>")
+        html.append(f"<li>Exact copies among the images: {counts.get('copies', 0)} (always on "
+                    f"one side of the split); label conflicts (one content under two "
+                    f"categories): {counts.get('conflicts', 0)}, {counts.get('conflict_images', 0)} "
+                    f"images{'' if split[1].get('keep_conflicts') else ', left out'}.</li>")
+        for left in counts.get("left_out") or []:
+            html.append(f"<li>Category <b>{escape(left['category'])}</b> left out: "
+                        f"{escape(left['reason'])}.</li>")
+    if train is not None:
+        html.append(f"<li>Classifier: train run {train[0]}, model "
+                    f"<code>{escape(train[2]['model'])}</code>, on features "
+                    f"<code>{escape(train[2]['feature_key'])}</code>.</li>")
+    if results["note"]:
+        html.append(f"<li><b>Not shown:</b> {escape(results['note'])}.</li>")
+    return "".join(html) + "</ul>"
 
 
 def _confusion_html(store) -> str:

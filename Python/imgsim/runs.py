@@ -1,7 +1,16 @@
-"""Recording of steps in the runs table."""
+"""Recording of steps in the runs table, and steps written in stretches.
+
+A step is a generator that yields between *stretches*: after its runs row is written and
+after each piece of work that should be kept even if a later one fails (a featurized
+batch, a step of the pipeline). On a client the stretches simply follow each other (the
+store commits its own transactions); inside PostgreSQL the routine that drives the step
+commits after each stretch (see :mod:`imgsim.indb`), so a cancel, a crash or a late
+failure loses only the stretch in progress.
+"""
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 
@@ -23,15 +32,43 @@ class Run:
             self._last_flush = time.monotonic()
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is someone stopping the step rather than the step failing."""
+    return (isinstance(exc, (KeyboardInterrupt, GeneratorExit))
+            or type(exc).__name__ in ("QueryCanceled", "AdminShutdown"))
+
+
 @contextmanager
 def recorded(store, step: str, parameters: dict, seed: int | None = None):
-    """Record ``step`` in ``runs``: running, then succeeded with counts, or failed with
-    the error (which is re-raised)."""
+    """Record ``step`` in ``runs``: running, then succeeded with counts, or failed (or
+    interrupted) with the error, which is re-raised."""
     run = Run(store, store.start_run(step, parameters, seed))
     try:
         yield run
     except BaseException as exc:
-        store.update_run(run.id, status="failed", finished=now(), counts=dict(run.counts),
-                         error=f"{type(exc).__name__}: {exc}")
+        status = "interrupted" if interrupted(exc) else "failed"
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        store.update_run(run.id, status=status, finished=now(), counts=dict(run.counts),
+                         error=error)
         raise
     store.update_run(run.id, status="succeeded", finished=now(), counts=dict(run.counts))
+
+
+def finish(stretches):
+    """Run a step's stretches to the end; return the step's result."""
+    while True:
+        try:
+            next(stretches)
+        except StopIteration as stop:
+            return stop.value
+
+
+def stepwise(generator_function):
+    """Make a step written as a generator of stretches callable as a plain function; the
+    generator stays reachable as ``.stretches`` for the routines inside PostgreSQL."""
+    @functools.wraps(generator_function)
+    def step(*args, **kwargs):
+        return finish(generator_function(*args, **kwargs))
+
+    step.stretches = generator_function
+    return step

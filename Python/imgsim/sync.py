@@ -1,73 +1,174 @@
-"""sync_image_folder: a folder with one sub-folder per category into the images table.
+"""sync_image_folder: a folder with one sub-folder per category, mirrored into images.
 
-The FileTable of the template: new files are added, changed files (another
-SHA-256) replace their row, unchanged files are left alone. Paths are stored
-relative to the folder, with forward slashes, whatever the operating system.
-Files that cannot be read are recorded in image_errors; decoding is featurize's job.
+The FileTable of the template: the images table mirrors one folder. New files are
+added; a file whose content changed (another SHA-256) or that moved to another category
+is replaced by a new row, and a file or folder that was removed from disk is removed
+from the table; in both cases everything derived from the old row (features, split,
+evaluation pairs, scores, rankings) goes with it. Files present but unreadable keep
+their row and are recorded in image_errors, as are files that cannot be stored: a name
+that is not valid UTF-8 (shown with replacement characters), a symbolic link leading
+out of the folder, a file over ``MAX_FILE_BYTES``. Paths are stored relative to the
+folder, with forward slashes, whatever the operating system.
+
+Syncing another folder than the one the table mirrors would remove every image of the
+first: it is refused unless ``replace`` is given. Inside the server the folder must be
+one the DBA allowed (see :mod:`imgsim.settings`). Files are stored in stretches of
+``STRETCH_FILES``, each kept when a later one fails; removals happen at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .runs import recorded
+from . import checks
+from .runs import recorded, stepwise
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MAX_FILE_BYTES = 100 << 20
+STRETCH_FILES = 200
+STEP = "sync_image_folder"
 
 
-def list_image_files(folder: Path) -> list[tuple[str, str, Path]]:
-    """``(relative path, category, absolute path)`` of every image file, sorted."""
-    found = []
-    for category_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for file in sorted(category_dir.rglob("*")):
-            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
-                found.append((file.relative_to(folder).as_posix(), category_dir.name, file))
-    return found
+def shown(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 become replacement characters."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
-def sync_image_folder(store, folder, progress: bool = True) -> dict:
-    """Load ``folder`` (one sub-folder per category) into the images table.
+def list_image_files(folder: Path) -> tuple[list[tuple[str, str, Path]], list[tuple[str, str]]]:
+    """Image files under ``folder``'s category sub-folders, without following links out.
 
-    Returns counts: ``added``, ``changed``, ``unchanged``, ``unreadable``.
+    Returns ``(found, refused)``: ``(relative path, category, path)`` of every image file,
+    sorted, and ``(relative path, reason)`` of the files and folders that cannot be
+    stored (names that are not UTF-8, links leading outside ``folder``)."""
+    root = os.path.realpath(folder)
+    found, refused = [], []
+    for top in sorted(os.scandir(root), key=lambda e: e.name):
+        if not top.is_dir():
+            continue
+        if top.is_symlink() and not _inside(top.path, root):
+            refused.append((shown(top.name), "a link to a folder outside the synced folder"))
+            continue
+        for directory, subdirs, files in os.walk(top.path):
+            subdirs.sort()
+            for name in subdirs:
+                full = os.path.join(directory, name)
+                if os.path.islink(full) and not _inside(full, root):
+                    refused.append((shown(os.path.relpath(full, root)),
+                                    "a link to a folder outside the synced folder"))
+            for name in sorted(files):
+                full = os.path.join(directory, name)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                try:
+                    rel.encode("utf-8")
+                except UnicodeEncodeError:
+                    refused.append((shown(rel), "the file name is not valid UTF-8: rename it"))
+                    continue
+                if os.path.islink(full) and not _inside(full, root):
+                    refused.append((rel, "a link to a file outside the synced folder"))
+                    continue
+                found.append((rel, rel.split("/", 1)[0], Path(full)))
+    return found, refused
+
+
+def _inside(path: str, root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _read(path: Path, root: str) -> bytes:
+    """The bytes of ``path``, opened without following a link swapped in after listing."""
+    real = os.path.realpath(path)
+    if not _inside(real, root):
+        raise OSError("a link to a file outside the synced folder")
+    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size > MAX_FILE_BYTES:
+            raise OSError(f"larger than the limit of {MAX_FILE_BYTES >> 20} MB")
+        return fh.read(MAX_FILE_BYTES + 1)
+
+
+@stepwise
+def sync_image_folder(store, folder, replace: bool = False, progress: bool = True) -> dict:
+    """Mirror ``folder`` (one sub-folder per category) into the images table.
+
+    Parameters
+    ----------
+    folder : path
+        The folder; inside the server, one the DBA allowed.
+    replace : bool
+        Mirror ``folder`` even though the table mirrors another folder (whose images,
+        and everything derived from them, are then removed).
+
+    Returns counts: ``added``, ``changed``, ``unchanged``, ``removed``, ``unreadable``,
+    ``refused``.
 
     Example
     -------
     >>> sync_image_folder(store, "Data/textures")  # doctest: +SKIP
-    {'added': 352, 'changed': 0, 'unchanged': 0, 'unreadable': 0}
+    {'added': 352, 'changed': 0, 'unchanged': 0, 'removed': 0, 'unreadable': 0, 'refused': 0}
     """
-    folder = Path(folder)
+    if not isinstance(replace, bool):
+        raise checks.ParameterError(f"replace must be true or false; got {replace!r}")
+    folder = store.readable_path(folder, "folder")
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = list_image_files(folder)
+    root = os.path.realpath(folder)
+    files, refused = list_image_files(Path(root))
     if not files:
         raise ValueError(f"{folder} holds no images in category sub-folders "
                          f"(expected {folder}/<category>/<image>)")
-    with recorded(store, "sync_image_folder", {"folder": str(folder)}) as run:
-        counts = dict.fromkeys(("added", "changed", "unchanged", "unreadable"), 0)
+    with store.lock(), recorded(store, STEP, {"folder": root, "replace": replace}) as run:
+        yield
+        mirrored = store.last_run(STEP)
         known = store.image_index()
-        errors = []
-        with store.transaction():
-            for rel, category, path in tqdm(files, desc="sync", unit="file",
-                                            disable=not progress):
-                try:
-                    data = path.read_bytes()
-                except OSError as exc:
-                    errors.append({"run_id": run.id, "path": rel, "step": "sync_image_folder",
-                                   "reason": f"cannot read: {exc.strerror or exc}"})
-                    counts["unreadable"] += 1
-                    continue
-                sha = hashlib.sha256(data).hexdigest()
-                if rel not in known:
+        if (known and mirrored is not None and mirrored[1]["folder"] != root
+                and not replace):
+            raise ValueError(
+                f"the images table mirrors {mirrored[1]['folder']} ({len(known)} images); "
+                f"syncing {root} would remove them and everything derived from them: "
+                "pass replace (--replace) to mirror the new folder instead")
+        counts = dict.fromkeys(("added", "changed", "unchanged", "removed", "unreadable",
+                                "refused"), 0)
+        counts["refused"] = len(refused)
+        errors = [{"run_id": run.id, "path": path, "step": STEP, "reason": reason}
+                  for path, reason in refused]
+        bar = tqdm(total=len(files), desc="sync", unit="file", disable=not progress)
+        for start in range(0, len(files), STRETCH_FILES):
+            with store.transaction():
+                for rel, category, path in files[start:start + STRETCH_FILES]:
+                    store.check_interrupts()
+                    try:
+                        data = _read(path, root)
+                    except OSError as exc:
+                        errors.append({"run_id": run.id, "path": rel, "step": STEP,
+                                       "reason": f"cannot read: {exc.strerror or exc}"})
+                        counts["unreadable"] += 1
+                        continue
+                    sha = hashlib.sha256(data).hexdigest()
+                    old = known.get(rel)
+                    if old is not None and old[1] == sha and old[2] == category:
+                        counts["unchanged"] += 1
+                        continue
+                    if old is not None:
+                        store.delete_images([old[0]])
                     store.add_image(rel, category, sha, data)
-                    counts["added"] += 1
-                elif known[rel][1] != sha:
-                    store.replace_image(known[rel][0], category, sha, data)
-                    counts["changed"] += 1
-                else:
-                    counts["unchanged"] += 1
+                    counts["changed" if old is not None else "added"] += 1
+            bar.update(len(files[start:start + STRETCH_FILES]))
+            run.progress(**counts)
+            yield
+        bar.close()
+        present = {rel for rel, _, _ in files}
+        gone = [image_id for rel, (image_id, _, _) in known.items() if rel not in present]
+        with store.transaction():
+            store.delete_images(gone)
+            store.delete_image_errors(STEP)
             store.add_image_errors(errors)
+        counts["removed"] = len(gone)
         run.counts.update(counts)
     return counts

@@ -21,16 +21,18 @@ backbone, and the classifier is fitted on those features: on the reference set,
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-from . import checks, finetune
-from .backbones import DEFAULT_BACKBONE
+from . import checks, finetune, lineage
 from .featurize import feature_key, featurize_images, onnx_session
 from .prepare import DEFAULT_SEED
-from .runs import recorded
+from .runs import recorded, stepwise
 from .store.base import to_blob
 
 KINDS = ("mlp", "logistic")
+SCORE_CHUNK = 4096
 
 
 def make_classifier(kind: str = "mlp", seed: int = DEFAULT_SEED):
@@ -48,6 +50,32 @@ def make_classifier(kind: str = "mlp", seed: int = DEFAULT_SEED):
     else:
         model = LogisticRegression(C=0.1, max_iter=2000)
     return make_pipeline(StandardScaler(), model)
+
+
+def fit(pipeline, matrix, labels, each_epoch=None):
+    """Fit ``pipeline``, calling ``each_epoch()`` after every MLP epoch (where a cancel is
+    answered). Ctrl-C, which scikit-learn's MLP turns into a warning and a half-trained
+    model, stops the fit."""
+    from sklearn.neural_network import MLPClassifier
+
+    model = pipeline.steps[-1][1]
+    if each_epoch is not None and isinstance(model, MLPClassifier):
+        def update_no_improvement_count(*args, **kwargs):
+            each_epoch()
+            return MLPClassifier._update_no_improvement_count(model, *args, **kwargs)
+
+        model._update_no_improvement_count = update_no_improvement_count  # once per epoch
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="Training interrupted by user")
+            pipeline.fit(matrix, labels)
+    except UserWarning as warning:
+        if "Training interrupted by user" in str(warning):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        model.__dict__.pop("_update_no_improvement_count", None)
+    return pipeline
 
 
 def to_onnx(pipeline, dim: int) -> bytes:
@@ -77,19 +105,22 @@ class Classifier:
         return [str(x) for x in labels], np.asarray(probabilities, dtype=np.float32)
 
 
-def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
+@stepwise
+def train_classifier(store, backbone: str | None = None, weights=None,
                      kind: str = "mlp", seed: int = DEFAULT_SEED, fine_tune: bool = False,
                      epochs: int = finetune.DEFAULT_EPOCHS, progress: bool = False) -> dict:
     """Fit on training_images, store the model as ONNX, score every image.
 
+    ``backbone`` (and ``weights``) default to those the current split was made from.
     ``fine_tune`` first tunes the backbone's last stages for ``epochs`` epochs on the
     training images (needs torch; a few minutes on two cores for 1,300 images) and
     trains on the tuned backbone's features.
 
     Returns
     -------
-    dict with ``model`` (its name in the models table), ``feature_key`` (the features
-    it was trained on), ``train_accuracy``, ``test_accuracy``, ``classes``, ``scored``.
+    dict with ``model`` (its name in the models table, unique to this training run),
+    ``feature_key`` (the features it was trained on), ``prepare_run`` (the split it was
+    trained on), ``train_accuracy``, ``test_accuracy``, ``classes``, ``scored``.
 
     Example
     -------
@@ -100,14 +131,21 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
     checks.count("seed", seed, 0)
     if fine_tune:
         finetune.check_request(epochs)
+    if weights is not None:
+        weights = store.readable_path(weights, "weights")
+    split = lineage.current_split(store)
+    if backbone is None:
+        backbone, weights = split[1]["backbone"], split[1].get("weights")
     key = feature_key(backbone, weights)
     params = {"backbone": backbone, "weights": str(weights) if weights else None,
               "feature_key": key, "kind": kind, "fine_tune": bool(fine_tune),
               "epochs": epochs if fine_tune else None}
-    with recorded(store, "train_classifier", params, seed) as run:
+    with store.lock(), recorded(store, "train_classifier", params, seed) as run:
+        yield
+        split = lineage.current_split(store)
         train_ids, test_ids = store.split()
         if not train_ids:
-            raise ValueError("training_images is empty: run prepare first")
+            raise lineage.StaleInputs("training_images is empty: run prepare first")
         if fine_tune:
             category_of = {i: c for i, _, c, _ in store.image_info()}
             train_categories = [category_of[i] for i in train_ids]
@@ -115,7 +153,8 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
                 raise ValueError("the training images cover fewer than 2 categories")
             key = finetune.fine_tune_backbone(store, train_ids, train_categories, backbone,
                                               weights, epochs, seed, progress)
-            featurize_images(store, model=key, progress=progress)
+            yield
+            yield from featurize_images.stretches(store, model=key, progress=progress)
         ids, categories, matrix = store.feature_matrix(key)
         row_of = {i: n for n, i in enumerate(ids.tolist())}
         train_rows = [row_of[i] for i in train_ids if i in row_of]
@@ -124,44 +163,59 @@ def train_classifier(store, backbone: str = DEFAULT_BACKBONE, weights=None,
         classes = sorted(set(labels[train_rows]))
         if len(classes) < 2:
             raise ValueError("the training images cover fewer than 2 categories")
-        pipeline = make_classifier(kind, seed)
-        pipeline.fit(matrix[train_rows], labels[train_rows].astype(str))
+        pipeline = fit(make_classifier(kind, seed), matrix[train_rows],
+                       labels[train_rows].astype(str), store.check_interrupts)
         graph = to_onnx(pipeline, matrix.shape[1])
-        name = f"{kind}@{key}"
+        name = f"{kind}-run{run.id}@{key}"
         predicted = np.array(Classifier(graph, classes).predict(matrix)[0], dtype=object)
         train_acc = float(np.mean(predicted[train_rows] == labels[train_rows]))
         test_acc = float(np.mean(predicted[test_rows] == labels[test_rows])) if test_rows else None
         metadata = {"kind": kind, "feature_key": key, "backbone": backbone, "classes": classes,
                     "train_accuracy": train_acc, "test_accuracy": test_acc, "seed": seed,
-                    "train_images": len(train_rows), "test_images": len(test_rows)}
+                    "train_images": len(train_rows), "test_images": len(test_rows),
+                    "prepare_run": split[0], "train_run": run.id}
         with store.transaction():
             store.save_model(name, "classifier", graph, metadata)
             scored = _score_all(store, name, graph, metadata)
-        run.counts.update(model=name, feature_key=key, train_accuracy=train_acc,
-                          test_accuracy=test_acc, classes=len(classes), scored=scored)
-    return {"model": name, "feature_key": key, "train_accuracy": train_acc,
-            "test_accuracy": test_acc, "classes": classes, "scored": scored}
+        run.counts.update(model=name, feature_key=key, prepare_run=split[0],
+                          train_accuracy=train_acc, test_accuracy=test_acc,
+                          classes=len(classes), scored=scored)
+    return {"model": name, "feature_key": key, "prepare_run": split[0],
+            "train_accuracy": train_acc, "test_accuracy": test_acc, "classes": classes,
+            "scored": scored}
 
 
 def _score_all(store, name: str, graph: bytes, metadata: dict) -> int:
     """Replace the scores table with the scores of every featurized image."""
     ids, categories, matrix = store.feature_matrix(metadata["feature_key"])
-    predicted, probabilities = Classifier(graph, metadata["classes"]).predict(matrix)
+    classifier = Classifier(graph, metadata["classes"])
+    predicted, probabilities = [], []
+    for start in range(0, len(ids), SCORE_CHUNK):
+        store.check_interrupts()
+        labels, scores = classifier.predict(matrix[start:start + SCORE_CHUNK])
+        predicted += labels
+        probabilities.append(scores)
+    probabilities = (np.concatenate(probabilities) if probabilities
+                     else np.zeros((0, len(metadata["classes"])), np.float32))
     store.replace_scores(name, [
         (int(i), lab, pred, to_blob(p))
         for i, lab, pred, p in zip(ids.tolist(), categories, predicted, probabilities)])
     return len(ids)
 
 
+@stepwise
 def score_images(store) -> dict:
     """Score every featurized image with the current classifier (no retraining): what the
     scheduled refresh runs after featurizing new images."""
-    with recorded(store, "score_images", {}) as run:
+    train = store.last_run("train_classifier")
+    if train is None:
+        raise lineage.StaleInputs("no classifier has been trained: run train first")
+    with store.lock(), recorded(store, "score_images", {}) as run:
+        yield
         train = store.last_run("train_classifier")
-        if train is None:
-            raise ValueError("no classifier has been trained: run train first")
         name = train[2]["model"]
         graph, metadata = store.load_model(name)
         with store.transaction():
-            run.counts.update(model=name, scored=_score_all(store, name, graph, metadata))
+            run.counts.update(model=name, train_run=train[0],
+                              scored=_score_all(store, name, graph, metadata))
     return dict(run.counts)

@@ -1,19 +1,29 @@
 """The storage seam: every read and write the steps make, in one class.
 
 Steps call only these methods. Each is written once as SQLAlchemy Core statements;
-a backend supplies three primitives: ``_fetch`` (run a statement, return rows as
-tuples), ``_write`` (run a statement, optionally with a list of parameter rows) and
-``transaction`` (a context in which all writes commit together or not at all).
+a backend supplies the primitives: ``_fetch`` (run a statement, return rows as
+tuples), ``_write`` (run a statement, optionally with a list of parameter rows),
+``transaction`` (a context in which all writes commit together or not at all), and
+the three of the step lock (``_try_lock``, ``_downgrade``, ``_unlock``).
+
+The store also answers for where it runs: who is running the step (``who``), which
+files a step may read (``readable_path``: anything on a client, an allowed folder inside
+the server), and whether the caller has asked to stop (``check_interrupts``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from contextlib import AbstractContextManager
+import getpass
+import hashlib
+import os
+import socket
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
 import numpy as np
-from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, and_, bindparam, cast,
-                        delete, func, insert, literal, not_, select, update)
+from sqlalchemy import (Boolean, Column, Float, Integer, MetaData, String, Table, and_,
+                        bindparam, cast, delete, func, insert, literal, not_, select, update)
 
 from .. import checks
 from . import tables as t
@@ -36,16 +46,38 @@ def from_blobs(blobs, dim: int | None = None) -> np.ndarray:
 _information_columns = Table(
     "columns", MetaData(schema="information_schema"),
     Column("table_schema", String), Column("table_name", String), Column("column_name", String))
+_extension = Table("pg_extension", MetaData(schema="pg_catalog"),
+                   Column("extname", String), Column("extnamespace", Integer))
+_namespace = Table("pg_namespace", MetaData(schema="pg_catalog"),
+                   Column("oid", Integer), Column("nspname", String))
+_pg_locks = Table("pg_locks", MetaData(schema="pg_catalog"),
+                  Column("locktype", String), Column("database", Integer),
+                  Column("classid", Integer), Column("objid", Integer),
+                  Column("objsubid", Integer), Column("pid", Integer),
+                  Column("granted", Boolean))
+_pg_stat_activity = Table("pg_stat_activity", MetaData(schema="pg_catalog"),
+                          Column("pid", Integer), Column("usename", String))
+_pg_database = Table("pg_database", MetaData(schema="pg_catalog"),
+                     Column("oid", Integer), Column("datname", String))
 
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+class Busy(RuntimeError):
+    """Another imgsim step holds the database; raised at once, before anything is written."""
+
+
+# The advisory lock of imgsim's steps in PostgreSQL: ('imgs', 1) as two int4 keys.
+LOCK_KEYS = (0x696D6773, 1)
+
+
 class Store:
     """Domain reads and writes over the imgsim tables (see :mod:`imgsim.store.tables`)."""
 
     dialect_name = "generic"
+    local_files = True  # may use the user's disk cache and export graphs (not in the server)
 
     # -- primitives a backend provides ------------------------------------------------
     def _fetch(self, statement) -> list[tuple]:
@@ -60,13 +92,114 @@ class Store:
     def create_tables(self) -> None:
         raise NotImplementedError
 
+    def _try_lock(self, exclusive: bool) -> bool:
+        """Take the step lock without waiting; False when another holder has it."""
+        raise NotImplementedError
+
+    def _downgrade(self) -> None:
+        """Turn the exclusive step lock this store holds into a shared one."""
+        raise NotImplementedError
+
+    def _unlock(self) -> None:
+        raise NotImplementedError
+
+    def _lock_holder(self) -> str | None:
+        """Which other PostgreSQL backend holds the step lock (SQLite cannot tell)."""
+        if self.dialect_name != "postgresql":
+            return None
+        l, a, d = _pg_locks.c, _pg_stat_activity.c, _pg_database.c
+        rows = self._fetch(
+            select(l.pid, a.usename).select_from(_pg_locks.join(_pg_stat_activity,
+                                                                a.pid == l.pid))
+            .where(l.locktype == "advisory", l.classid == LOCK_KEYS[0],
+                   l.objid == LOCK_KEYS[1], l.objsubid == 2, l.granted,
+                   l.pid != func.pg_backend_pid(),
+                   l.database == select(d.oid).where(d.datname == func.current_database())
+                   .scalar_subquery())
+            .limit(1))
+        return f"backend {rows[0][0]} (role {rows[0][1]})" if rows else None
+
+    # -- where the store runs -------------------------------------------------------------
+    def who(self) -> str:
+        """Who runs the steps of this store, recorded in runs.started_by."""
+        return f"{getpass.getuser()}@{socket.gethostname()} (pid {os.getpid()})"
+
+    def readable_path(self, path, what: str = "path") -> Path:
+        """A file or folder a step may read: on a client, any the client's user can."""
+        return Path(path)
+
+    def check_interrupts(self) -> None:
+        """Raise if the caller asked the step to stop (a no-op where Ctrl-C does it)."""
+
+    # -- the step lock --------------------------------------------------------------------
+    _lock_depth = 0
+    _lock_exclusive = False
+
+    @contextmanager
+    def lock(self, exclusive: bool = True):
+        """Hold the database for a step: exclusive for steps that replace shared state,
+        shared for steps that only read it and add results of their own.
+
+        Re-entrant (a pipeline holds it for its steps). A step that cannot have it fails
+        at once with :class:`Busy`, naming the run that holds it, so that two runs never
+        mix. Whoever takes the lock while no one else holds any marks the runs that were
+        left ``running`` by a process that died as ``abandoned``.
+        """
+        if self._lock_depth:
+            if exclusive and not self._lock_exclusive:
+                raise RuntimeError("a step holding the shared lock cannot take the exclusive one")
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        if self._try_lock(True):
+            try:
+                self.mark_abandoned()
+            except BaseException:
+                self._unlock()
+                raise
+            if not exclusive:
+                self._downgrade()
+        elif exclusive or not self._try_lock(False):
+            raise Busy(self._busy_message())
+        self._lock_depth, self._lock_exclusive = 1, exclusive
+        try:
+            yield
+        finally:
+            self._lock_depth, self._lock_exclusive = 0, False
+            self._unlock()
+
+    def _busy_message(self) -> str:
+        running = [f"run {i} ({step}, started {started:%Y-%m-%d %H:%M:%S} by {by or 'unknown'})"
+                   for i, step, started, by in self.running_runs()]
+        holder = self._lock_holder()
+        what = ", ".join(running) if running else holder or "another process"
+        return (f"imgsim is busy: {what} is using this database; try again when it has "
+                "finished (nothing was changed)")
+
     # -- runs ---------------------------------------------------------------------------
     def start_run(self, step: str, parameters: dict, seed: int | None = None) -> int:
         with self.transaction():
             result = self._write(insert(t.runs).values(
                 step=step, parameters=parameters, seed=seed, started=now(),
-                status="running", counts={}).returning(t.runs.c.id))
+                status="running", counts={}, started_by=self.who()).returning(t.runs.c.id))
         return int(result)
+
+    def running_runs(self) -> list[tuple]:
+        """``(id, step, started, started_by)`` of runs recorded as running."""
+        c = t.runs.c
+        return self._fetch(select(c.id, c.step, c.started, c.started_by)
+                           .where(c.status == "running").order_by(c.id))
+
+    def mark_abandoned(self) -> None:
+        """Runs left ``running`` while no one holds the step lock lost their process."""
+        with self.transaction():
+            self._write(update(t.runs).where(t.runs.c.status == "running").values(
+                status="abandoned", finished=now(),
+                error="its process ended before the step finished (killed, or the server "
+                      "restarted); finished batches were kept"))
 
     def update_run(self, run_id: int, **values) -> None:
         with self.transaction():
@@ -88,18 +221,21 @@ class Store:
         return rows[0] if rows else None
 
     # -- images -------------------------------------------------------------------------
-    def image_index(self) -> dict[str, tuple[int, str]]:
-        """``{path: (id, sha256)}`` of every stored image."""
+    def image_index(self) -> dict[str, tuple[int, str, str]]:
+        """``{path: (id, sha256, category)}`` of every stored image."""
         c = t.images.c
-        return {p: (i, s) for i, p, s in self._fetch(select(c.id, c.path, c.sha256))}
+        return {p: (i, s, k) for i, p, s, k in self._fetch(
+            select(c.id, c.path, c.sha256, c.category))}
 
     def add_image(self, path, category, sha256, data) -> None:
         self._write(insert(t.images).values(path=path, category=category, sha256=sha256,
                                             size_bytes=len(data), data=data, added=now()))
 
-    def replace_image(self, image_id, category, sha256, data) -> None:
-        self._write(update(t.images).where(t.images.c.id == image_id).values(
-            category=category, sha256=sha256, size_bytes=len(data), data=data, added=now()))
+    def delete_images(self, ids) -> None:
+        """Remove images and, by the tables' cascades, everything derived from them."""
+        ids = list(map(int, ids))
+        for start in range(0, len(ids), 1000):
+            self._write(delete(t.images).where(t.images.c.id.in_(ids[start:start + 1000])))
 
     def image_info(self, ids=None) -> list[tuple[int, str, str, str]]:
         """``(id, path, category, sha256)`` rows, by id."""
@@ -117,6 +253,9 @@ class Store:
     def add_image_errors(self, rows: list[dict]) -> None:
         if rows:
             self._write(insert(t.image_errors), [{"at": now(), **row} for row in rows])
+
+    def delete_image_errors(self, step: str) -> None:
+        self._write(delete(t.image_errors).where(t.image_errors.c.step == step))
 
     def image_error_rows(self) -> list[tuple]:
         c = t.image_errors.c
@@ -152,15 +291,17 @@ class Store:
         if self.has_vectors():
             for row in values:
                 row["embedding"] = t.vector_text(np.frombuffer(row["vector"], VECTOR_DTYPE))
-            self._write(insert(t.feature_vectors), values)
+            self._write(insert(t.feature_vectors(self._vector_schema)), values)
         else:
             self._write(insert(t.features), values)
 
     # -- pgvector -----------------------------------------------------------------------
+    _vector_schema: str | None = None
     _vectors: bool | None = None
 
     def has_vectors(self) -> bool:
-        """Whether features carry a pgvector ``embedding`` column (PostgreSQL, deployed)."""
+        """Whether features carry a pgvector ``embedding`` column (PostgreSQL, deployed).
+        pgvector's type, functions and operators are then named with their schema."""
         if self._vectors is None:
             self._vectors = False
             if self.dialect_name == "postgresql":
@@ -168,31 +309,41 @@ class Store:
                 self._vectors = bool(self._fetch(select(func.count()).where(
                     c.table_schema == t.SCHEMA, c.table_name == "features",
                     c.column_name == "embedding"))[0][0])
+                if self._vectors:
+                    self._vector_schema = self._fetch(
+                        select(_namespace.c.nspname)
+                        .select_from(_extension.join(
+                            _namespace, _extension.c.extnamespace == _namespace.c.oid))
+                        .where(_extension.c.extname == "vector"))[0][0]
         return self._vectors
 
     def nearest_features(self, key: str, vector, k: int, ef_search: int = 200):
         """``(image_id, cosine distance)`` of the ``k`` nearest features by the HNSW index."""
-        fv = t.feature_vectors.c
+        schema = self._vector_schema
+        fv = t.feature_vectors(schema).c
         dim = len(vector)
-        target = cast(literal(t.vector_text(vector), t.Vector()), t.Vector(dim))
-        distance = cast(fv.embedding, t.Vector(dim)).op("<=>", return_type=Float)(target)
+        target = cast(literal(t.vector_text(vector), t.Vector(schema=schema)),
+                      t.Vector(dim, schema))
+        distance = cast(fv.embedding, t.Vector(dim, schema)).op(
+            t.vector_operator(schema, "<=>"), return_type=Float)(target)
+        dims = getattr(func, schema).vector_dims(fv.embedding)
         with self.transaction():
             self._fetch(select(func.set_config("hnsw.ef_search", str(max(ef_search, k)), True)))
             return self._fetch(
                 select(fv.image_id, distance)
                 .where(fv.backbone == key,
-                       func.vector_dims(fv.embedding) == bindparam("dim", dim,
-                                                                   literal_execute=True))
+                       dims == bindparam("dim", dim, literal_execute=True))
                 .order_by(distance).limit(k))
 
     def backfill_embeddings(self) -> int:
         """Fill the pgvector column of features stored before pgvector was installed."""
-        fv = t.feature_vectors.c
+        table = t.feature_vectors(self._vector_schema)
+        fv = table.c
         rows = self._fetch(select(fv.image_id, fv.backbone, fv.vector)
                            .where(fv.embedding.is_(None)))
         with self.transaction():
             for image_id, backbone, vector in rows:
-                self._write(update(t.feature_vectors).where(
+                self._write(update(table).where(
                     fv.image_id == image_id, fv.backbone == backbone).values(
                     embedding=t.vector_text(np.frombuffer(bytes(vector), VECTOR_DTYPE))))
         return len(rows)
@@ -231,6 +382,9 @@ class Store:
                 {"query_id": int(q), "candidate_id": int(c), "is_positive": bool(p)}
                 for q, c, p in pairs])
 
+    def evaluation_pair_count(self) -> int:
+        return self._fetch(select(func.count()).select_from(t.evaluation_images))[0][0]
+
     def evaluation_pairs(self) -> list[tuple[int, int, bool]]:
         c = t.evaluation_images.c
         return self._fetch(select(c.query_id, c.candidate_id, c.is_positive)
@@ -240,7 +394,20 @@ class Store:
     def save_model(self, name, kind, data: bytes, metadata: dict, fmt: str = "onnx") -> None:
         self._write(delete(t.models).where(t.models.c.name == name))
         self._write(insert(t.models).values(name=name, kind=kind, format=fmt, data=data,
-                                            metadata=metadata, created=now()))
+                                            metadata=metadata, created=now(),
+                                            sha256=hashlib.sha256(data).hexdigest()))
+
+    def model_digests(self, names) -> dict[str, tuple[str, dict]]:
+        """``{name: (sha256 of its bytes, metadata)}``, without reading the bytes (a model
+        stored before digests were kept is hashed once here)."""
+        c = t.models.c
+        found = {}
+        for name, digest, metadata in self._fetch(
+                select(c.name, c.sha256, c.metadata).where(c.name.in_(list(names)))):
+            if digest is None:
+                digest = hashlib.sha256(self.load_model(name)[0]).hexdigest()
+            found[name] = (digest, metadata)
+        return found
 
     def load_model(self, name) -> tuple[bytes, dict] | None:
         c = t.models.c
@@ -256,6 +423,10 @@ class Store:
                 {"image_id": i, "model": model, "label": lab, "predicted_label": pred,
                  "score": s} for i, lab, pred, s in rows])
 
+    def score_models(self) -> set[str]:
+        """The models whose scores the scores table holds (one, after train or refresh)."""
+        return {r[0] for r in self._fetch(select(t.scores.c.model).distinct())}
+
     def score_matrix(self):
         """``(ids, labels, predicted, matrix)`` of every scored image."""
         c = t.scores.c
@@ -265,9 +436,10 @@ class Store:
                 [r[2] for r in rows], from_blobs([bytes(r[3]) for r in rows]))
 
     # -- ranking ------------------------------------------------------------------------
-    def query_ids(self, table_name: str = "query_images") -> list[int]:
+    def query_ids(self, table_name: str = "query_images", fallback: bool = True) -> list[int]:
         """Ids in the ``image_id`` column of table ``table_name`` (schema imgsim); for the
-        default query_images, the testing images when it is empty.
+        default query_images, the testing images when it is empty (unless not
+        ``fallback``).
 
         The name is checked as a plain identifier and quoted by SQLAlchemy."""
         checks.identifier("query_table", table_name)
@@ -279,7 +451,9 @@ class Store:
             raise ValueError(f"query_table {table_name!r} cannot be read as a table of "
                              f"image_id in schema {t.SCHEMA}: {exc}") from None
         ids = [int(r[0]) for r in rows]
-        return ids if ids or table_name != "query_images" else self.split()[1]
+        if ids or table_name != "query_images" or not fallback:
+            return ids
+        return self.split()[1]
 
     def set_query_images(self, ids) -> None:
         with self.transaction():
@@ -308,3 +482,13 @@ class Store:
         c = t.ranking_metrics.c
         return self._fetch(select(c.distance, c.k, c.accuracy, c.mean_rank, c.median_rank)
                            .where(c.run_id == run_id).order_by(c.distance, c.k))
+
+    # -- settings -----------------------------------------------------------------------
+    def setting_values(self) -> dict:
+        """The stored settings (see :mod:`imgsim.settings` for their meaning and defaults)."""
+        c = t.settings.c
+        return {name: value for name, value in self._fetch(select(c.name, c.value))}
+
+    def put_setting(self, name: str, value) -> None:
+        self._write(delete(t.settings).where(t.settings.c.name == name))
+        self._write(insert(t.settings).values(name=name, value=value))

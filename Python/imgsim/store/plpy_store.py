@@ -5,8 +5,14 @@ compiled for PostgreSQL with ``$n`` placeholders and run as prepared plans; valu
 travel as parameters, never in the SQL text.
 
 Transactions: :meth:`transaction` is a subtransaction (all or nothing) inside the
-caller's transaction; the routine that runs the step commits or not (see
-``SQLPy/procedures.sql``: a routine with pinned settings may not commit itself).
+caller's transaction; the public routine that drives the step commits between its
+stretches when it may (see :mod:`imgsim.indb`).
+
+The store also carries the caller (the role that called the public routine) and
+enforces what the caller may read on the server: any path for superusers and members
+of ``pg_read_server_files`` (PostgreSQL's own privilege for it), otherwise only paths
+inside the folders the DBA allowed (:mod:`imgsim.settings`), symbolic links resolved.
+The error is the same whether or not the path exists.
 """
 
 from __future__ import annotations
@@ -14,13 +20,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import numbers
+import os
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
-from sqlalchemy import JSON, LABEL_STYLE_TABLENAME_PLUS_COL
+from sqlalchemy import JSON, LABEL_STYLE_TABLENAME_PLUS_COL, Boolean, Column, MetaData, String
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Select
 
-from .base import Store
+from .. import settings
+from . import tables as t
+from .base import LOCK_KEYS, Store, now
 
 DIALECT = postgresql.dialect(paramstyle="numeric_dollar")
 
@@ -57,15 +69,28 @@ def _pg_value(value):
     return value
 
 
+_roles = Table("pg_roles", MetaData(schema="pg_catalog"),
+               Column("rolname", String), Column("rolsuper", Boolean))
+
+
+class PathNotAllowed(PermissionError):
+    """A server path the caller may not make the server read."""
+
+
 class PlpyStore(Store):
-    """A :class:`~imgsim.store.base.Store` inside the server, through ``plpy``."""
+    """A :class:`~imgsim.store.base.Store` inside the server, through ``plpy``, for the
+    role ``caller``."""
 
     dialect_name = "postgresql"
+    local_files = False
 
-    def __init__(self, plpy):
+    def __init__(self, plpy, caller: str | None = None):
         self.plpy = plpy
+        self.caller = caller
         self._depth = 0
         self._plans = {}
+        self._started = []
+        self._last_check = time.monotonic()
 
     # -- primitives ---------------------------------------------------------------------
     def _compile(self, statement, keys=None):
@@ -124,3 +149,78 @@ class PlpyStore(Store):
 
     def create_tables(self) -> None:
         raise RuntimeError("tables are created by `imgsim deploy`, not from inside the server")
+
+    # -- the caller ---------------------------------------------------------------------
+    def who(self) -> str:
+        return f"{self.caller} (backend {os.getpid()})"
+
+    def readable_path(self, path, what: str = "path") -> Path:
+        """``path`` resolved, if the caller may make the server read it."""
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise PathNotAllowed(f"{what} must be a path on the server; got {path!r}")
+        if not os.path.isabs(path):
+            raise PathNotAllowed(f"{what} must be an absolute path on the server; got {path!r}")
+        real = Path(os.path.realpath(path))
+        if self._reads_server_files():
+            return real
+        roots = settings.read(self)["allowed_folders"]
+        if not settings.is_inside(path, roots):
+            raise PathNotAllowed(
+                f"{what} {path!r} is not inside a folder the DBA allowed imgsim to read "
+                f"(allowed_folders: {', '.join(roots) or 'none'}); the DBA sets them with "
+                "imgsim deploy --allow-folder")
+        return real
+
+    def _reads_server_files(self) -> bool:
+        r = _roles.c
+        return bool(self._fetch(select(
+            func.coalesce(r.rolsuper, False)
+            | func.pg_has_role(self.caller, "pg_read_server_files", "MEMBER"))
+            .where(r.rolname == self.caller))[0][0])
+
+    def check_interrupts(self) -> None:
+        """A cheap statement lets the server act on a pending cancel or shutdown (it raises
+        here); at most every 0.2 s."""
+        if time.monotonic() - self._last_check > 0.2:
+            self._fetch(select(1))
+            self._last_check = time.monotonic()
+
+    # -- the step lock: an advisory lock of this backend ----------------------------------
+    def _try_lock(self, exclusive: bool) -> bool:
+        take = func.pg_try_advisory_lock if exclusive else func.pg_try_advisory_lock_shared
+        got = self._fetch(select(take(*LOCK_KEYS)))[0][0]
+        if got:
+            self._held = exclusive
+        return bool(got)
+
+    def _downgrade(self) -> None:
+        self._fetch(select(func.pg_advisory_lock_shared(*LOCK_KEYS)))
+        self._fetch(select(func.pg_advisory_unlock(*LOCK_KEYS)))
+        self._held = False
+
+    def _unlock(self) -> None:
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            release = func.pg_advisory_unlock if held else func.pg_advisory_unlock_shared
+            self._fetch(select(release(*LOCK_KEYS)))
+
+    # -- runs -----------------------------------------------------------------------------
+    def start_run(self, step: str, parameters: dict, seed: int | None = None) -> int:
+        run_id = super().start_run(step, parameters, seed)
+        self._started.append(run_id)
+        return run_id
+
+    def record_failure(self, exc: BaseException) -> None:
+        """After a stretch failed and its writes were rolled back: mark the runs this
+        store started and that are still running as failed (or interrupted), and let go
+        of the lock."""
+        from ..runs import interrupted
+
+        self._unlock()
+        self._lock_depth = 0
+        message = exc.args[0] if exc.args else type(exc).__name__
+        if self._started:
+            self._write(update(t.runs).where(t.runs.c.id.in_(self._started),
+                                             t.runs.c.status == "running").values(
+                status="interrupted" if interrupted(exc) else "failed", finished=now(),
+                error=f"{type(exc).__name__}: {message}"))

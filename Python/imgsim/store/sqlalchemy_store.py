@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.schema import CreateSchema
+from sqlalchemy import create_engine, event, func, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SAWarning
+from sqlalchemy.schema import CreateColumn, CreateSchema
 
+from .. import checks
 from . import tables
-from .base import Store
+from .base import LOCK_KEYS, Store
 
 DEFAULT_URL = "sqlite:///imgsim.db"
 
@@ -26,6 +32,24 @@ def libpq_dsn(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
+def check_url(url: str) -> str:
+    """Refuse, with one clear line, a URL that is not a database URL, or a SQLite file
+    whose folder does not exist; return the SQLAlchemy URL."""
+    try:
+        parsed = make_url(sqlalchemy_url(url))
+    except ArgumentError:
+        raise checks.ParameterError(
+            f"--db {url!r} is not a database URL (examples: sqlite:///imgsim.db, "
+            "postgresql://user@host/dbname)") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).parent
+        if not folder.is_dir():
+            raise checks.ParameterError(
+                f"cannot open the SQLite database {parsed.database}: the folder {folder} does "
+                "not exist")
+    return str(parsed.render_as_string(hide_password=False))
+
+
 class SQLAlchemyStore(Store):
     """A :class:`~imgsim.store.base.Store` over a SQLAlchemy engine.
 
@@ -37,7 +61,7 @@ class SQLAlchemyStore(Store):
     """
 
     def __init__(self, url: str = DEFAULT_URL):
-        self.url = url = sqlalchemy_url(url)
+        self.url = url = check_url(url)
         engine = create_engine(url)
         self.dialect_name = engine.dialect.name
         if self.dialect_name == "sqlite":
@@ -50,19 +74,9 @@ class SQLAlchemyStore(Store):
                 cursor.execute("PRAGMA busy_timeout=30000")
                 cursor.close()
 
-        else:
-            @event.listens_for(engine, "connect")
-            def _find_pgvector(dbapi_connection, _record):
-                cursor = dbapi_connection.cursor()
-                cursor.execute(  # let this session see pgvector's type wherever it lives
-                    "SELECT set_config('search_path', current_setting('search_path') || ', ' "
-                    "|| quote_ident(n.nspname), false) FROM pg_extension e JOIN pg_namespace n "
-                    "ON n.oid = e.extnamespace WHERE e.extname = 'vector'")
-                cursor.close()
-                dbapi_connection.commit()
-
         self.engine = engine
         self._connection = None
+        self._lock = None  # the file (SQLite) or connection (PostgreSQL) holding the lock
 
     @contextmanager
     def transaction(self):
@@ -90,12 +104,86 @@ class SQLAlchemyStore(Store):
             return result.scalar() if result.returns_rows else None
 
     def create_tables(self) -> None:
+        """Create missing tables, and add the nullable columns that later versions of
+        imgsim added to existing ones (so an upgraded database keeps its data)."""
         with self.engine.begin() as connection:
             if self.dialect_name != "sqlite":
                 connection.execute(CreateSchema(tables.SCHEMA, if_not_exists=True))
             tables.metadata.create_all(connection)
+            inspector = inspect(connection)
+            preparer = connection.dialect.identifier_preparer
+            schema = None if self.dialect_name == "sqlite" else tables.SCHEMA
+            for table in tables.metadata.sorted_tables:
+                with warnings.catch_warnings():  # pgvector's column type is not SQLAlchemy's
+                    warnings.simplefilter("ignore", SAWarning)
+                    have = {c["name"] for c in inspector.get_columns(table.name, schema=schema)}
+                for column in table.columns:
+                    if column.name not in have and column.nullable:
+                        name = (preparer.quote(table.name) if schema is None
+                                else preparer.format_table(table))
+                        ddl = CreateColumn(column).compile(dialect=connection.dialect)
+                        connection.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {ddl}")
+
+    # -- the step lock: a lock file beside a SQLite file, an advisory lock in PostgreSQL --
+    def _lock_file(self) -> Path | None:
+        database = self.engine.url.database
+        return None if database in (None, "", ":memory:") else Path(database + ".imgsim-lock")
+
+    def _try_lock(self, exclusive: bool) -> bool:
+        if self.dialect_name == "sqlite":
+            import fcntl
+
+            path = self._lock_file()
+            if path is None:  # an in-memory database is private to this process
+                return True
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            self._lock = (fd, exclusive)
+            return True
+        connection = self.engine.connect()  # held for the step: the lock is its session's
+        take = func.pg_try_advisory_lock if exclusive else func.pg_try_advisory_lock_shared
+        got = connection.execute(select(take(*LOCK_KEYS))).scalar()
+        connection.commit()
+        if not got:
+            connection.close()
+            return False
+        self._lock = (connection, exclusive)
+        return True
+
+    def _downgrade(self) -> None:
+        if self._lock is None:
+            return
+        handle, _ = self._lock
+        if self.dialect_name == "sqlite":
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_SH)
+        else:
+            handle.execute(select(func.pg_advisory_lock_shared(*LOCK_KEYS)))
+            handle.execute(select(func.pg_advisory_unlock(*LOCK_KEYS)))
+            handle.commit()
+        self._lock = (handle, False)
+
+    def _unlock(self) -> None:
+        if self._lock is None:
+            return
+        (handle, exclusive), self._lock = self._lock, None
+        if self.dialect_name == "sqlite":
+            os.close(handle)  # closing the file releases its lock
+            return
+        release = func.pg_advisory_unlock if exclusive else func.pg_advisory_unlock_shared
+        try:
+            handle.execute(select(release(*LOCK_KEYS)))
+            handle.commit()
+        finally:
+            handle.close()
 
     def close(self) -> None:
+        self._unlock()
         self.engine.dispose()
 
 

@@ -5,8 +5,11 @@ away (``schema_translate_map``) so the same definitions serve both. Vectors are
 float32 little-endian bytes; parameters and counts are JSON.
 """
 
+import functools
+
 from sqlalchemy import (JSON, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer,
                         LargeBinary, MetaData, String, Table, Text, cast)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.types import UserDefinedType
 
 SCHEMA = "imgsim"
@@ -20,9 +23,11 @@ runs = Table(
     Column("seed", Integer),
     Column("started", DateTime(timezone=True), nullable=False),
     Column("finished", DateTime(timezone=True)),
-    Column("status", String(20), nullable=False),  # running, succeeded, failed
+    # running, succeeded, failed, interrupted (cancelled, Ctrl-C), abandoned (its process died)
+    Column("status", String(20), nullable=False),
     Column("counts", JSON),
     Column("error", Text),
+    Column("started_by", Text),  # who and where: role and backend, or user, host and pid
 )
 
 images = Table(
@@ -87,6 +92,7 @@ models = Table(
     Column("data", LargeBinary, nullable=False),
     Column("metadata", JSON, nullable=False),
     Column("created", DateTime(timezone=True), nullable=False),
+    Column("sha256", String(64)),  # of data: sessions are cached by it
 )
 
 scores = Table(
@@ -128,20 +134,39 @@ ranking_metrics = Table(
     Column("median_rank", Float, nullable=False),
 )
 
+# What the DBA decides (see imgsim.settings): written by `imgsim deploy`, read by the steps.
+settings = Table(
+    "settings", metadata,
+    Column("name", String(80), primary_key=True),
+    Column("value", JSON, nullable=False),
+)
+
 
 class Vector(UserDefinedType):
-    """pgvector's ``vector`` type, with or without a dimension."""
+    """pgvector's ``vector`` type, with or without a dimension, named with the schema
+    pgvector lives in (so that no search_path decides which type or operator is meant)."""
 
     cache_ok = True
 
-    def __init__(self, dim: int | None = None):
+    def __init__(self, dim: int | None = None, schema: str | None = None):
         self.dim = None if dim is None else int(dim)
+        self.schema = schema
 
     def get_col_spec(self, **kw):
-        return "VECTOR" if self.dim is None else f"VECTOR({self.dim})"
+        name = "vector" if self.schema is None else f"{_quote(self.schema)}.vector"
+        return name if self.dim is None else f"{name}({self.dim})"
 
     def bind_expression(self, bindvalue):
         return cast(bindvalue, self)  # values travel as text, '[1,2,3]'
+
+
+def _quote(identifier: str) -> str:
+    return postgresql.dialect().identifier_preparer.quote_identifier(identifier)
+
+
+def vector_operator(schema: str, name: str) -> str:
+    """A pgvector operator by its schema-qualified name, e.g. ``OPERATOR("public".<=>)``."""
+    return f"OPERATOR({_quote(schema)}.{name})"
 
 
 def vector_text(values) -> str:
@@ -149,10 +174,13 @@ def vector_text(values) -> str:
     return "[" + ",".join(f"{float(v):.9g}" for v in values) + "]"
 
 
-# The features table as seen where pgvector is installed: deploy adds ``embedding`` (and
-# HNSW indexes, SQLPy/vector.sql). Kept out of ``metadata``: SQLite has no such type.
-feature_vectors = Table(
-    "features", MetaData(schema=SCHEMA),
-    *(Column(c.name, c.type, primary_key=c.primary_key) for c in features.columns),
-    Column("embedding", Vector()),
-)
+@functools.cache
+def feature_vectors(schema: str) -> Table:
+    """The features table as seen where pgvector is installed in ``schema``: deploy adds
+    ``embedding`` (and HNSW indexes, sql/vector.sql). Kept out of ``metadata``: SQLite has
+    no such type."""
+    return Table(
+        "features", MetaData(schema=SCHEMA),
+        *(Column(c.name, c.type, primary_key=c.primary_key) for c in features.columns),
+        Column("embedding", Vector(schema=schema)),
+    )

@@ -1,0 +1,84 @@
+"""What the DBA decides, kept in the settings table (set by `imgsim deploy`).
+
+- ``allowed_folders``: the server folders whose images and weights files routines may
+  read. Empty (the default): only superusers and members of ``pg_read_server_files`` may
+  name a server path; analysts then work on what was synced for them.
+- ``max_backend_memory_mb`` (default 1024): the memory one step may use in one server
+  process (or client process). Featurize infers at most as many images at once as fit in
+  it, and an image whose decoded pixels would not fit is recorded as too large instead of
+  being decoded.
+- ``roles``: the admin and analyst roles of this deployment (undeploy drops those of
+  them that deploy created, marked by a comment on the role, once no database uses them).
+
+Analysts may read the settings; only the table's owner may change them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import checks
+
+DEFAULTS = {"allowed_folders": [], "max_backend_memory_mb": 1024}
+MIN_MEMORY_MB = 256
+# What a backend holds before any image (Python, numpy, ONNX Runtime, a backbone graph),
+# and ONNX Runtime's working memory per 288 px image (measured 28 MB for efficientnet_lite0
+# with its memory arena at 8 to 64 images; bench/featurize_speed.py).
+BASE_MB = 224
+INFERENCE_MB_PER_IMAGE = 30
+
+
+def check_memory_mb(value) -> int:
+    value = checks.count("max_backend_memory_mb", value, MIN_MEMORY_MB)
+    return value
+
+
+def check_folders(value) -> list[str]:
+    """A list of absolute server paths."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise checks.ParameterError(f"allowed_folders must be a list of paths; got {value!r}")
+    for folder in value:
+        if not os.path.isabs(folder):
+            raise checks.ParameterError(f"allowed_folders must be absolute paths; got {folder!r}")
+    return [os.path.normpath(v) for v in value]
+
+
+def read(store) -> dict:
+    """The settings, defaults filled in; a value someone stored by hand is checked."""
+    values = {**DEFAULTS, **store.setting_values()}
+    values["max_backend_memory_mb"] = check_memory_mb(values["max_backend_memory_mb"])
+    values["allowed_folders"] = check_folders(values["allowed_folders"])
+    return values
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a step spends ``memory_mb``: 60% for inference, 40% for decoding one image."""
+
+    memory_mb: int
+
+    @property
+    def images_at_once(self) -> int:
+        """How many images one ONNX Runtime call may take."""
+        share = (self.memory_mb - BASE_MB) * 0.6
+        return max(1, int(share // INFERENCE_MB_PER_IMAGE))
+
+    @property
+    def decode_bytes(self) -> int:
+        """How much memory decoding one image may take."""
+        return int((self.memory_mb - BASE_MB) * 0.4) << 20
+
+
+def budget(store) -> Budget:
+    return Budget(read(store)["max_backend_memory_mb"])
+
+
+def is_inside(path, roots) -> bool:
+    """Whether ``path``, symlinks resolved, is one of ``roots`` or inside one."""
+    real = os.path.realpath(path)
+    for root in roots:
+        root = os.path.realpath(root)
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False

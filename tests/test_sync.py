@@ -1,0 +1,126 @@
+"""sync_image_folder mirrors a folder: additions, changes, removals with everything
+derived from them, names that are not UTF-8, links leading out, another folder."""
+
+import os
+
+import pytest
+from sqlalchemy import func, select
+
+from imgsim import featurize_images, prepare_data, run_image_similarity, sync_image_folder
+from imgsim import sync as sync_module
+from imgsim.store import tables as t
+
+
+def count(store, table, where=None):
+    query = select(func.count()).select_from(table)
+    return store._fetch(query if where is None else query.where(where))[0][0]
+
+
+def paths(store):
+    return sorted(p for _, p, _, _ in store.image_info())
+
+
+@pytest.fixture
+def synced(small_folder, empty_store):
+    """The small folder synced and featurized, with a split."""
+    sync_image_folder(empty_store, small_folder, progress=False)
+    featurize_images(empty_store, progress=False)
+    prepare_data(empty_store, max_query_imgs_per_subdir=2, max_neg_imgs_per_query_img=4)
+    return small_folder, empty_store
+
+
+def test_a_removed_file_is_removed_with_everything_derived_from_it(synced):
+    folder, store = synced
+    image_id = {p: i for i, p, _, _ in store.image_info()}["zebra/zebra_001.jpg"]
+    (folder / "zebra" / "zebra_001.jpg").unlink()
+    counts = sync_image_folder(store, folder, progress=False)
+    assert counts["removed"] == 1 and counts["unchanged"] == 11
+    assert "zebra/zebra_001.jpg" not in paths(store)
+    for table in (t.features, t.training_images, t.testing_images):
+        assert count(store, table, table.c.image_id == image_id) == 0
+    assert count(store, t.evaluation_images, (t.evaluation_images.c.query_id == image_id)
+                 | (t.evaluation_images.c.candidate_id == image_id)) == 0
+
+
+def test_a_removed_folder_removes_its_category(synced):
+    folder, store = synced
+    for file in (folder / "dotted").iterdir():
+        file.unlink()
+    (folder / "dotted").rmdir()
+    assert sync_image_folder(store, folder, progress=False)["removed"] == 4
+    assert not [p for p in paths(store) if p.startswith("dotted/")]
+    assert count(store, t.features) == 8
+
+
+def test_a_changed_or_moved_file_is_replaced_and_its_features_go(synced):
+    folder, store = synced
+    before = {p: i for i, p, _, _ in store.image_info()}
+    (folder / "zebra" / "zebra_002.jpg").write_bytes(
+        (folder / "argyle" / "argyle_000.jpg").read_bytes())
+    (folder / "argyle" / "argyle_003.jpg").rename(folder / "dotted" / "argyle_003.jpg")
+    counts = sync_image_folder(store, folder, progress=False)
+    assert (counts["changed"], counts["added"], counts["removed"]) == (1, 1, 1)
+    after = {p: (i, c) for i, p, c, _ in store.image_info()}
+    assert after["dotted/argyle_003.jpg"][1] == "dotted"
+    assert after["zebra/zebra_002.jpg"][0] != before["zebra/zebra_002.jpg"]
+    assert count(store, t.features, t.features.c.image_id == before["zebra/zebra_002.jpg"]) == 0
+    again = featurize_images(store, progress=False)  # argyle_000's content is still there;
+    assert (again["reused"], again["featurized"]) == (1, 1)  # the moved file's went with it
+
+
+def test_a_name_that_is_not_utf8_is_recorded_and_everything_else_loaded(small_folder,
+                                                                         empty_store):
+    bad = os.path.join(os.fsencode(small_folder / "zebra"), b"bad\xff.jpg")
+    with open(bad, "wb") as fh:
+        fh.write((small_folder / "zebra" / "zebra_000.jpg").read_bytes())
+    counts = sync_image_folder(empty_store, small_folder, progress=False)
+    assert counts["added"] == 12 and counts["refused"] == 1
+    errors = {path: reason for path, _, reason, _ in empty_store.image_error_rows()}
+    assert errors == {"zebra/bad\ufffd.jpg": "the file name is not valid UTF-8: rename it"}
+
+
+def test_links_out_of_the_folder_are_refused_and_recorded(small_folder, empty_store, tmp_path):
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "passwd.jpg").write_bytes(b"root:x:0:0")
+    os.symlink("/etc/passwd", small_folder / "zebra" / "passwd.jpg")
+    os.symlink(outside, small_folder / "elsewhere")
+    os.symlink(small_folder / "zebra" / "zebra_000.jpg", small_folder / "argyle" / "inside.jpg")
+    counts = sync_image_folder(empty_store, small_folder, progress=False)
+    assert counts["refused"] == 2 and counts["added"] == 13  # the link inside is fine
+    stored = paths(empty_store)
+    assert "zebra/passwd.jpg" not in stored and not [p for p in stored if "elsewhere" in p]
+    assert b"root:x:0:0" not in b"".join(empty_store.image_data(
+        [i for i, _, _, _ in empty_store.image_info()]).values())
+    reasons = {p: r for p, _, r, _ in empty_store.image_error_rows()}
+    assert "outside the synced folder" in reasons["zebra/passwd.jpg"]
+    assert "outside the synced folder" in reasons["elsewhere"]
+
+
+def test_a_file_over_the_size_limit_is_recorded(small_folder, empty_store, monkeypatch):
+    monkeypatch.setattr(sync_module, "MAX_FILE_BYTES", 1000)
+    counts = sync_image_folder(empty_store, small_folder, progress=False)
+    assert counts["unreadable"] == 12 and counts["added"] == 0
+    assert all("larger than the limit" in r for _, _, r, _ in empty_store.image_error_rows())
+
+
+def test_another_folder_needs_replace(synced, texture_folder):
+    folder, store = synced
+    with pytest.raises(ValueError, match="mirrors .*pass replace"):
+        sync_image_folder(store, texture_folder, progress=False)
+    assert len(paths(store)) == 12
+    counts = sync_image_folder(store, texture_folder, replace=True, progress=False)
+    assert counts["removed"] == 0 and counts["changed"] == 0  # same relative paths kept
+    assert len(paths(store)) == len(list(texture_folder.glob("*/*.*")))
+
+
+def test_a_one_image_category_is_left_out_and_the_run_goes_on(small_folder, empty_store):
+    (small_folder / "tiny").mkdir()
+    (small_folder / "tiny" / "only.jpg").write_bytes(
+        (small_folder / "zebra" / "zebra_003.jpg").read_bytes()[:-1] + b"\xd9")
+    results = run_image_similarity(empty_store, small_folder, max_query_imgs_per_subdir=2,
+                                   max_neg_imgs_per_query_img=4, top_k_candidates=3,
+                                   progress=False)
+    left_out = results["prepare_data"]["left_out"]
+    assert [x["category"] for x in left_out] == ["tiny"]
+    assert results["train_classifier"]["classes"] == ["argyle", "dotted", "zebra"]
