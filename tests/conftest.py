@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 from PIL import Image
 
@@ -111,6 +112,23 @@ def jpeg_bytes(image: Image.Image) -> bytes:
 
 
 # -- PostgreSQL ------------------------------------------------------------------------
+def psql(dsn, script, **variables):
+    """Run ``script`` with psql (stops at the first error); returns stdout."""
+    args = ["psql", dsn, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]
+    for name, value in variables.items():
+        args += ["-v", f"{name}={value}"]
+    done = subprocess.run(args, input=script, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise AssertionError(f"psql failed: {done.stderr}")
+    return done.stdout
+
+
+def one(dsn, query, params=()):
+    """One row of ``query``, in autocommit mode as psql runs (so CALL may commit)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(query, params).fetchone()
+
+
 SERVER_VENV = Path(os.environ.get("IMGSIM_TEST_SERVER_VENV", "/tmp/imgsim-test-server-venv"))
 
 
@@ -125,6 +143,22 @@ def pg_dsn():
     cluster = Cluster()
     yield cluster.dsn
     cluster.stop()
+
+
+def fresh_database(pg_dsn: str, name: str) -> str:
+    """A new empty database on the test server; returns its DSN."""
+    from psycopg import sql
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return pg_dsn.rsplit("/", 1)[0] + "/" + name
+
+
+def as_role(dsn: str, role: str) -> str:
+    """The same DSN for another login role (the test server trusts loopback)."""
+    return dsn.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
 
 
 @pytest.fixture(scope="session")

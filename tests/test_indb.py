@@ -2,7 +2,6 @@
 contexts, roles, injection attempts, bad images, the pg_cron job, undeploy."""
 
 import subprocess
-import time
 
 import numpy as np
 import psycopg
@@ -10,7 +9,7 @@ import pyodbc
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from conftest import BAD_FILES, PER_CATEGORY
+from conftest import BAD_FILES, PER_CATEGORY, one, psql
 from imgsim import evaluate_model, prepare_data, rank_candidates, train_classifier
 from imgsim.deploy import deploy, drop_jobs, list_jobs, schedule_job, undeploy
 from imgsim.featurize import feature_key
@@ -19,23 +18,6 @@ from imgsim.store import SQLAlchemyStore
 
 SMALL = {"max_query_imgs_per_subdir": 5, "max_neg_imgs_per_query_img": 20}
 N_IMAGES = 11 * PER_CATEGORY + 4 + len(BAD_FILES)
-
-
-def psql(dsn, script, **variables):
-    """Run ``script`` with psql (stops at the first error); returns stdout."""
-    args = ["psql", dsn, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]
-    for name, value in variables.items():
-        args += ["-v", f"{name}={value}"]
-    done = subprocess.run(args, input=script, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise AssertionError(f"psql failed: {done.stderr}")
-    return done.stdout
-
-
-def one(dsn, query, params=()):
-    """One row of ``query``, in autocommit mode as psql runs (so CALL may commit)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(query, params).fetchone()
 
 
 def odbc(dsn):
@@ -274,24 +256,6 @@ def test_analyst_runs_procedures_and_reads_but_cannot_change_code_models_or_sett
         for statement in refused:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
-
-
-def test_the_cron_job_runs_and_refreshes(indb, server_folder):
-    job = schedule_job(indb, "* * * * *")
-    assert [j[1] for j in list_jobs(indb)] == ["imgsim-refresh"]
-    before = one(indb, "SELECT count(*) FROM imgsim.runs WHERE step = 'score_images'")[0]
-    deadline = time.time() + 150
-    status = None
-    while time.time() < deadline:
-        status = one(indb, "SELECT status FROM cron.job_run_details WHERE jobid = %s "
-                           "AND status IN ('succeeded', 'failed') ORDER BY runid DESC LIMIT 1",
-                     (job["job"],))
-        if status:
-            break
-        time.sleep(3)
-    assert drop_jobs(indb) == 1 and list_jobs(indb) == []
-    assert status == ("succeeded",)
-    assert one(indb, "SELECT count(*) FROM imgsim.runs WHERE step = 'score_images'")[0] > before
 
 
 def test_redeploy_upgrades_in_place_keeping_data_and_undeploy_removes_it_all(pg_dsn):

@@ -1,0 +1,425 @@
+"""A DBA can deploy imgsim safely: each attack an analyst could try on a deployed imgsim,
+performed as a login role in imgsim_analyst on a real server, is refused with nothing
+written; undeploy removes only what imgsim made."""
+
+import io
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from PIL import Image
+from psycopg import errors
+
+from conftest import SERVER_VENV, as_role, fresh_database, one, psql
+from imgsim import serverenv, settings
+from imgsim.deploy import deploy, drop_jobs, schedule_job, undeploy
+
+QUIET = {"server_venv": SERVER_VENV, "log": lambda *a: None}
+MEMORY_MB = 512
+
+
+def counts(dsn):
+    """Rows of every imgsim table: what an attack must leave as it was."""
+    tables = ["runs", "images", "features", "models", "scores", "settings", "query_images",
+              "ranking_results", "training_images"]
+    with psycopg.connect(dsn) as conn:
+        return {t: conn.execute(psycopg.sql.SQL("SELECT count(*) FROM imgsim.{}").format(
+            psycopg.sql.Identifier(t))).fetchone()[0] for t in tables}
+
+
+def readable_copy(source: Path, prefix: str) -> Path:
+    """A copy of ``source`` that the server's OS user can read, in a new folder."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o755)
+    shutil.copytree(source, base / "images")
+    subprocess.run(["chmod", "-R", "o+rX", str(base)], check=True)
+    return base
+
+
+@pytest.fixture(scope="module")
+def target(pg_dsn, server_folder):
+    """imgsim deployed with one allowed folder and a memory setting, the pipeline run once
+    by the DBA, and an analyst login, mallory."""
+    allowed = readable_copy(server_folder, "imgsim-allowed-")
+    dsn = fresh_database(pg_dsn, "imgsim_security")
+    deploy(dsn, allow_folders=[allowed], max_backend_memory_mb=MEMORY_MB, **QUIET)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS mallory")
+        conn.execute("CREATE ROLE mallory LOGIN IN ROLE imgsim_analyst")
+    psql(dsn, """
+        CALL imgsim.sync_image_folder(:'folder');
+        CALL imgsim.featurize_images();
+        CALL imgsim.prepare_data(max_query_imgs_per_subdir => 3, max_neg_imgs_per_query_img => 10);
+        CALL imgsim.train_classifier();
+    """, folder=allowed / "images")
+    yield {"dsn": dsn, "analyst": as_role(dsn, "mallory"), "allowed": allowed}
+    shutil.rmtree(allowed, ignore_errors=True)
+
+
+def test_internal_routines_refuse_the_analyst_and_steps_take_only_their_parameters(
+        target, tmp_path):
+    before = counts(target["dsn"])
+    chart = tmp_path / "chart.png"
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        with pytest.raises(errors.InsufficientPrivilege, match="_step is internal"):
+            conn.execute("SELECT imgsim._step('0123456789abcdef', 'next')")
+        for internal in ("_run('evaluate_model', '{}'::jsonb)",
+                         "_record_failure('x', '{}'::jsonb, 'forged')"):
+            with pytest.raises(errors.UndefinedFunction):
+                conn.execute(f"SELECT imgsim.{internal}")
+        with pytest.raises(errors.UndefinedFunction):
+            conn.execute("SELECT * FROM imgsim.evaluate_model(chart_path => %s)", (str(chart),))
+        with pytest.raises(errors.UndefinedFunction):
+            conn.execute("CALL imgsim.featurize_images(model => 'x', progress => true)")
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO imgsim.runs (step, parameters, started, status) "
+                         "VALUES ('train_classifier', '{}', now(), 'failed')")
+    assert not chart.exists()
+    assert counts(target["dsn"]) == before
+
+
+def test_the_analyst_cannot_make_the_server_read_files_outside_the_allowed_folders(target):
+    secret = Path(tempfile.mkdtemp(prefix="imgsim-secret-"))
+    (secret / "cat").mkdir()
+    (secret / "cat" / "secret.jpg").write_bytes(b"the postgres user's secret")
+    subprocess.run(["chown", "-R", "postgres", str(secret)], check=True)
+    os.chmod(secret / "cat" / "secret.jpg", 0o600)
+    before = counts(target["dsn"])
+    outside = [str(secret), "/usr/share", str(target["allowed"] / ".." / secret.name), "/"]
+    try:
+        with psycopg.connect(target["analyst"], autocommit=True) as conn:
+            for folder in outside:
+                with pytest.raises(errors.InsufficientPrivilege, match="not inside a folder"):
+                    conn.execute("CALL imgsim.sync_image_folder(%s)", (folder,))
+                with pytest.raises(errors.InsufficientPrivilege, match="not inside a folder"):
+                    conn.execute("CALL imgsim.run_image_similarity(image_folder => %s)",
+                                 (folder,))
+            messages = []
+            for weights in ("/etc/passwd", "/no/such/file"):  # existence is not told either
+                with pytest.raises(errors.InsufficientPrivilege) as refused:
+                    conn.execute("CALL imgsim.featurize_images(backbone => 'resnet18', "
+                                 "weights => %s)", (weights,))
+                messages.append(str(refused.value).replace(weights, "PATH"))
+            assert messages[0] == messages[1]
+        assert counts(target["dsn"]) == before
+    finally:
+        shutil.rmtree(secret, ignore_errors=True)
+
+
+def test_links_leaving_an_allowed_folder_are_refused_and_recorded(target):
+    images = target["allowed"] / "images"
+    os.symlink("/etc/passwd", images / "zebra" / "passwd.jpg")
+    os.symlink("/usr/share", images / "shared")
+    try:
+        with psycopg.connect(target["analyst"], autocommit=True) as conn:
+            conn.execute("CALL imgsim.sync_image_folder(%s)", (str(images),))
+            stored = {r[0] for r in conn.execute("SELECT path FROM imgsim.images")}
+            reasons = dict(conn.execute(
+                "SELECT path, reason FROM imgsim.image_errors WHERE step = 'sync_image_folder'"))
+            leaked = conn.execute("SELECT count(*) FROM imgsim.images WHERE "
+                                  "position(%s::bytea in data) > 0", (b"root:x:0:0",))
+        assert "zebra/passwd.jpg" not in stored and not any(p.startswith("shared") for p in stored)
+        assert leaked.fetchone()[0] == 0
+        assert "outside the synced folder" in reasons["zebra/passwd.jpg"]
+        assert "outside the synced folder" in reasons["shared"]
+    finally:
+        os.unlink(images / "zebra" / "passwd.jpg")
+        os.unlink(images / "shared")
+
+
+def test_the_analyst_holds_no_table_and_writes_none(target):
+    with psycopg.connect(target["analyst"]) as conn:
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("LOCK imgsim.query_images IN ACCESS EXCLUSIVE MODE")
+        conn.rollback()
+        for statement in ("DELETE FROM imgsim.query_images", "UPDATE imgsim.settings SET "
+                          "value = '[\"/\"]' WHERE name = 'allowed_folders'",
+                          "INSERT INTO imgsim.settings VALUES ('allowed_folders', '[\"/\"]')"):
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute(statement)
+            conn.rollback()
+        first = conn.execute("SELECT min(id) FROM imgsim.images").fetchone()[0]
+        conn.execute("CALL imgsim.set_query_images(ARRAY[%s])", (first,))
+        conn.commit()
+        with pytest.raises(errors.InvalidParameterValue, match="not images"):
+            conn.execute("CALL imgsim.set_query_images(ARRAY[999999])")
+        conn.rollback()
+        assert conn.execute("SELECT image_id FROM imgsim.query_images").fetchall() == [(first,)]
+        conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+        conn.commit()
+
+
+SHADOWS = """
+CREATE TABLE public.hijack_log (who text, what text);
+GRANT INSERT ON public.hijack_log TO PUBLIC;
+CREATE FUNCTION public.escalate(what text) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO public.hijack_log VALUES (current_user, what);
+  BEGIN
+    EXECUTE 'ALTER ROLE mallory SUPERUSER';
+  EXCEPTION WHEN OTHERS THEN NULL;
+  END;
+  RETURN true;
+END $$;
+CREATE FUNCTION public.jsonb_build_object(VARIADIC text[]) RETURNS jsonb LANGUAGE sql
+  AS $$ SELECT CASE WHEN public.escalate('jsonb_build_object') THEN '{}'::jsonb END $$;
+CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql
+  AS $$ SELECT CASE WHEN public.escalate('now') THEN pg_catalog.now() END $$;
+CREATE FUNCTION public.current_setting(text) RETURNS text LANGUAGE sql
+  AS $$ SELECT CASE WHEN public.escalate('current_setting') THEN '' END $$;
+CREATE FUNCTION public.set_config(text, text, boolean) RETURNS text LANGUAGE sql
+  AS $$ SELECT CASE WHEN public.escalate('set_config') THEN '' END $$;
+CREATE FUNCTION public.pg_try_advisory_lock(integer, integer) RETURNS boolean LANGUAGE sql
+  AS $$ SELECT public.escalate('pg_try_advisory_lock') $$;
+CREATE FUNCTION public.pg_advisory_unlock(integer, integer) RETURNS boolean LANGUAGE sql
+  AS $$ SELECT public.escalate('pg_advisory_unlock') $$;
+CREATE FUNCTION public.pg_has_role(name, text, text) RETURNS boolean LANGUAGE sql
+  AS $$ SELECT public.escalate('pg_has_role') $$;
+CREATE FUNCTION public.int_eq(integer, integer) RETURNS boolean LANGUAGE sql
+  AS $$ SELECT public.escalate('=') AND $1 OPERATOR(pg_catalog.=) $2 $$;
+CREATE OPERATOR public.= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = public.int_eq);
+CREATE FUNCTION public.text_eq(text, text) RETURNS boolean LANGUAGE sql
+  AS $$ SELECT public.escalate('= text') AND $1 OPERATOR(pg_catalog.=) $2 $$;
+CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.text_eq);
+"""
+
+
+@pytest.fixture
+def writable_public(target):
+    """A cluster upgraded from before PostgreSQL 15: everyone may create in public; the
+    analyst has planted functions and operators named like the ones imgsim calls."""
+    dsn = target["dsn"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        conn.execute(SHADOWS)
+    yield dsn
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP OWNED BY mallory")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        conn.execute("ALTER ROLE mallory NOSUPERUSER")
+
+
+def test_nothing_imgsim_runs_resolves_a_name_the_analyst_created(target, writable_public):
+    image = next((target["allowed"] / "images" / "zebra").glob("*.jpg")).read_bytes()
+    with psycopg.connect(writable_public, autocommit=True) as conn:  # the DBA, or a job
+        conn.execute("SET search_path = public, pg_catalog")  # the planted names first
+        conn.execute("CALL imgsim.refresh(top_k_candidates => 2)")
+        conn.execute("SELECT * FROM imgsim.evaluate_model(ks => ARRAY[1])")
+        conn.execute("SELECT * FROM imgsim.similar_images(%s, 2)", (image,))
+        conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+        log = conn.execute("SELECT who, what FROM public.hijack_log").fetchall()
+        superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'"
+                                 ).fetchone()[0]
+    assert log == [] and superuser is False
+
+
+def test_memory_is_bounded_by_the_setting(target):
+    budget = settings.Budget(MEMORY_MB)
+    with psycopg.connect(target["dsn"], autocommit=True) as conn:
+        conn.execute("DELETE FROM imgsim.features")
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        conn.execute("CALL imgsim.featurize_images(batch_size => 1024)")
+        peak_kb = int(next(line.split()[1] for line in open(f"/proc/{pid}/status")
+                           if line.startswith("VmHWM")))
+        run = conn.execute("SELECT counts FROM imgsim.runs WHERE step = 'featurize_images' "
+                           "ORDER BY id DESC LIMIT 1").fetchone()[0]
+    assert run["batch_size"] == budget.images_at_once < 1024
+    assert run["featurized"] > budget.images_at_once  # several batches
+    assert peak_kb / 1024 < 2 * MEMORY_MB  # 1024 images at once would take ~30 GB
+
+
+def _encoded(image, fmt):
+    out = io.BytesIO()
+    image.save(out, fmt, **({"quality": 85} if fmt == "JPEG" else {"compress_level": 1}))
+    return out.getvalue()
+
+
+def test_a_huge_image_is_decoded_reduced_or_refused_within_the_setting(target):
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (57, 70, 3), np.uint8)).resize((7000, 5700))
+    jpeg, png = _encoded(big, "JPEG"), _encoded(big, "PNG")
+    del big
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        rows = conn.execute("SELECT * FROM imgsim.similar_images(%s, 3)", (jpeg,)).fetchall()
+        assert len(rows) == 3  # 39.9 MP JPEG: decoded at 1/8 scale
+        with pytest.raises(errors.InvalidParameterValue, match="the memory setting allows"):
+            conn.execute("SELECT * FROM imgsim.similar_images(%s, 3)", (png,))
+
+
+def test_similar_images_writes_nothing_and_keeps_its_graphs(target):
+    image = next((target["allowed"] / "images" / "tartan").glob("*.jpg")).read_bytes()
+    before = counts(target["dsn"])
+    with psycopg.connect(target["analyst"]) as conn:
+        conn.execute("SET TRANSACTION READ ONLY")
+        toast = conn.execute("SELECT reltoastrelid FROM pg_class WHERE oid = "
+                             "'imgsim.models'::regclass").fetchone()[0]
+
+        def toast_reads():
+            return conn.execute("SELECT coalesce(idx_scan, 0) FROM pg_stat_xact_all_tables "
+                                "WHERE relid = %s", (toast,)).fetchone()[0]
+
+        first = conn.execute("SELECT path FROM imgsim.similar_images(%s, 1)", (image,)).fetchone()
+        after_first = toast_reads()
+        second = conn.execute("SELECT path FROM imgsim.similar_images(%s, 1)", (image,)).fetchone()
+        assert first == second and after_first > 0
+        assert toast_reads() == after_first  # the graphs came from this backend's cache
+        conn.commit()
+    assert counts(target["dsn"]) == before
+
+
+def test_the_server_imports_the_deployed_environment_first_and_sends_no_telemetry(target):
+    home = Path(pwd.getpwnam("postgres").pw_dir)
+    shutil.rmtree(home / ".cache" / "Microsoft", ignore_errors=True)
+    site = str(serverenv.site_packages(SERVER_VENV, "3.11"))
+    image = next((target["allowed"] / "images" / "dotted").glob("*.jpg")).read_bytes()
+    with psycopg.connect(target["dsn"], autocommit=True) as conn:
+        conn.execute("SELECT * FROM imgsim.similar_images(%s, 2)", (image,))
+        notices = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        conn.execute("DO $$ import sys; plpy.notice(sys.path[0]); "
+                     "plpy.notice(sys.modules['numpy'].__file__); "
+                     "plpy.notice(sys.modules['onnxruntime'].__file__) $$ LANGUAGE plpython3u")
+    assert notices[0] == site
+    assert all(n.startswith(site) for n in notices[1:])
+    assert not (home / ".cache" / "Microsoft").exists()
+
+
+def test_a_session_open_during_a_redeploy_runs_the_new_build(pg_dsn, monkeypatch):
+    dsn = fresh_database(pg_dsn, "imgsim_redeploy_build")
+    env = Path(tempfile.mkdtemp(prefix="imgsim-env-"))
+    os.chmod(env, 0o755)
+    subprocess.run(["cp", "-al", str(SERVER_VENV), str(env / "venv")], check=True)
+    package = serverenv.site_packages(env / "venv", "3.11") / "imgsim"
+    shutil.rmtree(package)  # a copy of its own, not links to the shared environment's files
+    shutil.copytree(serverenv.site_packages(SERVER_VENV, "3.11") / "imgsim", package)
+    try:
+        deploy(dsn, server_venv=env / "venv", prepare_venv=False, log=lambda *a: None)
+        with psycopg.connect(dsn, autocommit=True) as session:  # open during the redeploy
+            session.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+            with open(package / "settings.py", "a") as fh:  # the files of a later version
+                fh.write("\n# a later version\n")
+            new_build = serverenv.package_build(package)
+            (package / "BUILD").write_text(new_build + "\n")
+            monkeypatch.setattr(serverenv, "package_build", lambda *a: new_build)
+            deploy(dsn, server_venv=env / "venv", prepare_venv=False, log=lambda *a: None)
+            session.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+            notices = []
+            session.add_notice_handler(lambda d: notices.append(d.message_primary))
+            session.execute("DO $$ import sys; plpy.notice(sys.modules['imgsim'].__build__) $$ "
+                            "LANGUAGE plpython3u")
+        assert notices == [new_build]
+        undeploy(dsn)
+    finally:
+        shutil.rmtree(env, ignore_errors=True)
+
+
+def test_deploy_checks_the_server_before_building_anything(pg_dsn, tmp_path):
+    venv = tmp_path / "never-built"
+    dead = pg_dsn.rsplit(":", 1)[0] + ":1/imgsim_test"
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError):
+        deploy(dead, server_venv=venv, log=lambda *a: None)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS plain_user")
+        conn.execute("CREATE ROLE plain_user LOGIN")
+    with pytest.raises(PermissionError, match="superuser"):
+        deploy(as_role(pg_dsn, "plain_user"), server_venv=venv, log=lambda *a: None)
+    assert not venv.exists() and time.monotonic() - started < 30
+    assert (Path(serverenv.__file__).parent / "sql" / "roles.sql").is_file()  # package data
+
+
+def test_undeploy_keeps_a_role_and_tables_imgsim_did_not_create(pg_dsn):
+    dsn = fresh_database(pg_dsn, "imgsim_shop")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS shop_owner")
+        conn.execute("CREATE ROLE shop_owner")
+        conn.execute("CREATE SCHEMA app AUTHORIZATION shop_owner")
+        conn.execute("CREATE TABLE app.orders (id int)")
+        conn.execute("INSERT INTO app.orders VALUES (1), (2)")
+        conn.execute("ALTER TABLE app.orders OWNER TO shop_owner")
+    deploy(dsn, admin_role="shop_owner", analyst_role="shop_readers", **QUIET)
+    report = undeploy(dsn)
+    assert one(dsn, "SELECT count(*) FROM app.orders") == (2,)
+    assert one(dsn, "SELECT count(*) FROM pg_roles WHERE rolname = 'shop_owner'") == (1,)
+    assert one(dsn, "SELECT count(*) FROM pg_roles WHERE rolname = 'shop_readers'") == (0,)
+    assert one(dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'imgsim'") == (0,)
+    assert any("shop_owner: imgsim did not create it" in k for k in report["kept"])
+
+
+def test_undeploy_in_one_of_two_databases_completes_and_keeps_the_shared_roles(pg_dsn):
+    first, second = (fresh_database(pg_dsn, name) for name in ("imgsim_one", "imgsim_two"))
+    for dsn in (first, second):
+        deploy(dsn, admin_role="two_admin", analyst_role="two_analyst", **QUIET)
+    job = schedule_job(second, "0 4 * * *")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS tess")
+        conn.execute("CREATE ROLE tess LOGIN IN ROLE two_analyst")
+    report = undeploy(first)
+    assert one(first, "SELECT count(*) FROM pg_namespace WHERE nspname = 'imgsim'") == (0,)
+    assert any(k.startswith("role two_admin: still") for k in report["kept"])
+    with psycopg.connect(as_role(second, "tess"), autocommit=True) as conn:  # still serves
+        conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+    assert one(pg_dsn, "SELECT count(*) FROM cron.job WHERE jobid = %s", (job["job"],)) == (1,)
+    report = undeploy(second)
+    assert one(pg_dsn, "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'two_%%'") == (0,)
+    assert one(pg_dsn, "SELECT count(*) FROM cron.job WHERE jobid = %s", (job["job"],)) == (0,)
+    assert "role two_admin" in report["removed"] and "role two_analyst" in report["removed"]
+
+
+def test_the_scheduled_refresh_runs_and_cannot_be_hijacked(pg_dsn, server_folder):
+    """pg_cron runs the job as the superuser who scheduled it, with the default
+    search_path, in a cluster where public is writable and the analyst planted names."""
+    dsn = fresh_database(pg_dsn, "imgsim_cron")
+    deploy(dsn, **QUIET)
+    psql(dsn, """
+        CALL imgsim.sync_image_folder(:'folder');
+        CALL imgsim.featurize_images();
+        CALL imgsim.prepare_data(max_query_imgs_per_subdir => 3, max_neg_imgs_per_query_img => 10);
+        CALL imgsim.train_classifier(kind => 'logistic');
+    """, folder=server_folder)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
+        conn.execute("CREATE ROLE mallory_cron LOGIN IN ROLE imgsim_analyst")
+    with psycopg.connect(as_role(dsn, "mallory_cron"), autocommit=True) as conn:
+        conn.execute(SHADOWS.replace("mallory", "mallory_cron"))
+    job = schedule_job(dsn, "* * * * *")
+    deadline, status = time.time() + 150, None
+    while time.time() < deadline and status is None:  # pg_cron starts jobs on the minute
+        status = one(pg_dsn, "SELECT status FROM cron.job_run_details WHERE jobid = %s "
+                          "AND status IN ('succeeded', 'failed') ORDER BY runid DESC LIMIT 1",
+                     (job["job"],))
+        time.sleep(2)
+    assert drop_jobs(dsn) == 1
+    assert status == ("succeeded",)
+    assert one(dsn, "SELECT count(*) FROM imgsim.runs WHERE step = 'score_images' "
+                    "AND status = 'succeeded'") == (1,)
+    assert one(dsn, "SELECT count(*) FROM public.hijack_log") == (0,)
+    assert one(dsn, "SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory_cron'") == (False,)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP OWNED BY mallory_cron")
+        conn.execute("DROP ROLE mallory_cron")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    undeploy(dsn)
+
+
+def test_a_client_sends_no_telemetry(tmp_path, small_folder):
+    home = tmp_path / "home"
+    home.mkdir()
+    subprocess.run([sys.executable, "-m", "imgsim.cli", "--db", f"sqlite:///{tmp_path / 'c.db'}",
+                    "--quiet", "sync", str(small_folder)], check=True, capture_output=True,
+                   env={**os.environ, "HOME": str(home)})
+    done = subprocess.run(
+        [sys.executable, "-m", "imgsim.cli", "--db", f"sqlite:///{tmp_path / 'c.db'}", "--quiet",
+         "featurize"], env={**os.environ, "HOME": str(home)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not (home / ".cache" / "Microsoft").exists()
