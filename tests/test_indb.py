@@ -1,7 +1,6 @@
 """imgsim inside a real PostgreSQL 15: deploy, procedures via psql and ODBC, compute
 contexts, roles, injection attempts, bad images, the pg_cron job, undeploy."""
 
-import subprocess
 
 import numpy as np
 import psycopg
@@ -11,7 +10,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from conftest import BAD_FILES, PER_CATEGORY, one, psql
 from imgsim import evaluate_model, prepare_data, rank_candidates, train_classifier
-from imgsim.deploy import deploy, drop_jobs, list_jobs, schedule_job, undeploy
+from imgsim.deploy import deploy, undeploy
 from imgsim.featurize import feature_key
 from imgsim.pipeline import run_in_database
 from imgsim.store import SQLAlchemyStore

@@ -87,10 +87,11 @@ def _lineage_html(results) -> str:
                     f"<code>{escape(str(split[1].get('feature_key')))}</code>): "
                     f"{counts.get('train')} training and {counts.get('test')} test images, "
                     f"{counts.get('queries')} evaluation queries.</li>")
+        kept = "kept" if split[1].get("keep_conflicts") else "left out"
         html.append(f"<li>Exact copies among the images: {counts.get('copies', 0)} (always on "
                     f"one side of the split); label conflicts (one content under two "
-                    f"categories): {counts.get('conflicts', 0)}, {counts.get('conflict_images', 0)} "
-                    f"images{'' if split[1].get('keep_conflicts') else ', left out'}.</li>")
+                    f"categories): {counts.get('conflicts', 0)}, "
+                    f"{counts.get('conflict_images', 0)} images, {kept}.</li>")
         for left in counts.get("left_out") or []:
             html.append(f"<li>Category <b>{escape(left['category'])}</b> left out: "
                         f"{escape(left['reason'])}.</li>")

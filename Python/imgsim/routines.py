@@ -40,7 +40,8 @@ def _p(name, sql_type, default=None):
     return Param(name, sql_type, default)
 
 
-TEXT, INT, FLOAT, BOOL = "pg_catalog.text", "pg_catalog.int4", "pg_catalog.float8", "pg_catalog.bool"
+TEXT, INT, FLOAT = "pg_catalog.text", "pg_catalog.int4", "pg_catalog.float8"
+BOOL = "pg_catalog.bool"
 NULL = "NULL"
 
 ROUTINES = (

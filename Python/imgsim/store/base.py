@@ -107,14 +107,14 @@ class Store:
         """Which other PostgreSQL backend holds the step lock (SQLite cannot tell)."""
         if self.dialect_name != "postgresql":
             return None
-        l, a, d = _pg_locks.c, _pg_stat_activity.c, _pg_database.c
+        lock, a, d = _pg_locks.c, _pg_stat_activity.c, _pg_database.c
         rows = self._fetch(
-            select(l.pid, a.usename).select_from(_pg_locks.join(_pg_stat_activity,
-                                                                a.pid == l.pid))
-            .where(l.locktype == "advisory", l.classid == LOCK_KEYS[0],
-                   l.objid == LOCK_KEYS[1], l.objsubid == 2, l.granted,
-                   l.pid != func.pg_backend_pid(),
-                   l.database == select(d.oid).where(d.datname == func.current_database())
+            select(lock.pid, a.usename).select_from(_pg_locks.join(_pg_stat_activity,
+                                                                   a.pid == lock.pid))
+            .where(lock.locktype == "advisory", lock.classid == LOCK_KEYS[0],
+                   lock.objid == LOCK_KEYS[1], lock.objsubid == 2, lock.granted,
+                   lock.pid != func.pg_backend_pid(),
+                   lock.database == select(d.oid).where(d.datname == func.current_database())
                    .scalar_subquery())
             .limit(1))
         return f"backend {rows[0][0]} (role {rows[0][1]})" if rows else None
@@ -172,7 +172,7 @@ class Store:
             self._unlock()
 
     def _busy_message(self) -> str:
-        running = [f"run {i} ({step}, started {started:%Y-%m-%d %H:%M:%S} by {by or 'unknown'})"
+        running = [f"run {i} ({step}, started {str(started)[:19]} by {by or 'unknown'})"
                    for i, step, started, by in self.running_runs()]
         holder = self._lock_holder()
         what = ", ".join(running) if running else holder or "another process"

@@ -1,0 +1,301 @@
+"""Results you can trust: lineage, concurrent runs, interrupted and killed steps, the
+command line's errors, copies and label conflicts in the report."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg import errors
+from sqlalchemy import func, select
+
+from conftest import BAD_FILES, SERVER_VENV, fresh_database, one
+from imgsim import (evaluate_model, featurize_images, open_store, prepare_data,
+                    rank_candidates, sync_image_folder, train_classifier, write_report)
+from imgsim.cli import main
+from imgsim.lineage import StaleInputs
+from imgsim.rank import top_k_cosine
+from imgsim.store import tables as t
+from imgsim.store.base import Busy
+from imgsim.store.sqlalchemy_store import SQLAlchemyStore
+from imgsim.train import fit, make_classifier
+
+SMALL = {"max_query_imgs_per_subdir": 3, "max_neg_imgs_per_query_img": 10}
+
+
+def cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "imgsim.cli", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def until(condition, timeout=60.0):
+    """Poll ``condition`` (another process's progress) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def rows(store, table, where=None):
+    query = select(func.count()).select_from(table)
+    return store._fetch(query if where is None else query.where(where))[0][0]
+
+
+# -- lineage ---------------------------------------------------------------------------
+def test_a_classifier_from_an_earlier_split_is_refused_not_evaluated(pipeline_store, tmp_path):
+    runs = rows(pipeline_store, t.runs)
+    prepare_data(pipeline_store, seed=7, **SMALL)
+    for step in (evaluate_model, rank_candidates):
+        with pytest.raises(StaleInputs, match="run train again"):
+            step(pipeline_store)
+    assert rows(pipeline_store, t.runs) == runs + 1  # only the prepare
+    html = write_report(pipeline_store, tmp_path / "stale.html").read_text()
+    assert "trained on another split" in html and "Ranking accuracy" not in html
+    evaluate_model(pipeline_store, space="features")  # raw features do not depend on it
+    trained = train_classifier(pipeline_store, seed=7)
+    metrics = evaluate_model(pipeline_store)
+    counts = pipeline_store.last_run("evaluate_model")[2]
+    split = pipeline_store.last_run("prepare_data")
+    assert trained["prepare_run"] == split[0] == counts["prepare_run"]
+    assert counts["model"] == trained["model"] and metrics
+    html = write_report(pipeline_store, tmp_path / "fresh.html").read_text()
+    assert f"prepare run {split[0]} (seed 7" in html and "Ranking accuracy (scores" in html
+
+
+def test_the_command_line_says_which_step_to_run_again(pipeline_db, tmp_path, capsys):
+    db = tmp_path / "cli.db"
+    shutil.copy(pipeline_db[0], db)
+    url = f"sqlite:///{db}"
+    assert main(["--db", url, "prepare", "--seed", "7", "--max-query-imgs-per-subdir", "3"]) == 0
+    capsys.readouterr()
+    assert main(["--db", url, "evaluate"]) == 2
+    assert "run train again" in capsys.readouterr().err
+
+
+def test_evaluation_pairs_that_lost_an_image_are_refused(small_folder, empty_store):
+    sync_image_folder(empty_store, small_folder, progress=False)
+    featurize_images(empty_store, progress=False)
+    prepare_data(empty_store, **SMALL)
+    train_classifier(empty_store)
+    query = empty_store.evaluation_pairs()[0][0]
+    path = {i: p for i, p, _, _ in empty_store.image_info()}[query]
+    (small_folder / path).unlink()
+    sync_image_folder(empty_store, small_folder, progress=False)
+    with pytest.raises(StaleInputs, match="run prepare again"):
+        evaluate_model(empty_store)
+
+
+def test_copies_and_label_conflicts_are_counted_and_reported(small_folder, empty_store,
+                                                             tmp_path):
+    zebra = (small_folder / "zebra" / "zebra_000.jpg").read_bytes()
+    (small_folder / "zebra" / "again.jpg").write_bytes(zebra)  # a copy
+    (small_folder / "dotted" / "stray.jpg").write_bytes(zebra)  # and a conflict
+    sync_image_folder(empty_store, small_folder, progress=False)
+    featurize_images(empty_store, progress=False)
+    counts = prepare_data(empty_store, **SMALL)
+    assert (counts["copies"], counts["conflicts"], counts["conflict_images"]) == (2, 1, 3)
+    train, test = empty_store.split()
+    ids = {p: i for i, p, _, _ in empty_store.image_info()}
+    conflicting = {ids["zebra/zebra_000.jpg"], ids["zebra/again.jpg"], ids["dotted/stray.jpg"]}
+    assert not conflicting & (set(train) | set(test))
+    train_classifier(empty_store)
+    html = write_report(empty_store, tmp_path / "r.html").read_text()
+    assert "label conflicts (one content under two categories): 1, 3 images, left out" in html
+
+
+# -- concurrent runs ---------------------------------------------------------------------
+def test_a_step_while_another_holds_the_database_fails_at_once_and_writes_nothing(
+        pipeline_db, tmp_path):
+    db = tmp_path / "busy.db"
+    shutil.copy(pipeline_db[0], db)
+    holder = open_store(f"sqlite:///{db}")
+    before = rows(holder, t.runs)
+    with holder.lock():
+        for args in (["prepare", "--seed", "3"], ["evaluate"], ["featurize"]):
+            done = cli("--db", f"sqlite:///{db}", "--quiet", *args)
+            out, err = done.communicate(timeout=120)
+            assert done.returncode == 2 and err.startswith("imgsim: error: imgsim is busy")
+            assert "Traceback" not in err
+    assert rows(holder, t.runs) == before
+    with holder.lock(exclusive=False):  # readers share
+        reader = open_store(f"sqlite:///{db}")
+        evaluate_model(reader, ks=[1])
+        with pytest.raises(Busy):
+            prepare_data(reader, seed=4)
+        reader.close()
+    holder.close()
+
+
+def test_two_runs_at_once_never_mix(pipeline_db, tmp_path):
+    db = tmp_path / "race.db"
+    shutil.copy(pipeline_db[0], db)
+    url = f"sqlite:///{db}"
+    common = ["--max-query-imgs-per-subdir", "3", "--max-neg-imgs-per-query-img", "10"]
+    runs = [cli("--db", url, "--quiet", "run", "--seed", str(seed), "--report",
+                str(tmp_path / f"r{seed}.html"), *common) for seed in (7, 8)]
+    outcomes = [(p.wait(timeout=600), p.stderr.read()) for p in runs]
+    assert any(code == 0 for code, _ in outcomes)
+    assert all(code == 0 or "imgsim is busy" in err for code, err in outcomes)
+    store = open_store(url)
+    c = t.runs.c
+    recorded = store._fetch(select(c.step, c.started_by, c.counts).where(c.id > 6)
+                            .order_by(c.id))  # after the fixture's own six steps
+    by = [r[1] for r in recorded]
+    assert sum(a != b for a, b in zip(by, by[1:])) <= 1, by  # each run's steps in one piece
+    models = [r[2]["model"] for r in recorded if r[0] == "train_classifier"]
+    assert len(models) == len(set(models)) >= 1
+    evaluation = store.last_run("evaluate_model")[2]
+    assert evaluation["train_run"] == store.last_run("train_classifier")[0]
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def trust_db(pg_dsn, server_folder):
+    from imgsim.deploy import deploy
+
+    dsn = fresh_database(pg_dsn, "imgsim_trust")
+    deploy(dsn, server_venv=SERVER_VENV, log=lambda *a: None)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CALL imgsim.sync_image_folder(%s)", (str(server_folder),))
+    return dsn
+
+
+def test_in_the_database_the_loser_of_a_race_fails_at_once_naming_the_winner(trust_db):
+    holder = SQLAlchemyStore(trust_db)
+    with holder.lock():
+        before = one(trust_db, "SELECT count(*) FROM imgsim.runs")
+        with pytest.raises(errors.LockNotAvailable, match="imgsim is busy: backend"):
+            with psycopg.connect(trust_db, autocommit=True) as conn:
+                conn.execute("CALL imgsim.featurize_images()")
+        assert one(trust_db, "SELECT count(*) FROM imgsim.runs") == before
+    holder.close()
+    failures = []
+
+    def featurize():
+        try:
+            with psycopg.connect(trust_db, autocommit=True) as conn:
+                conn.execute("CALL imgsim.featurize_images(batch_size => 8)")
+        except psycopg.Error as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=featurize) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(failures) <= 1
+    assert all(isinstance(f, errors.LockNotAvailable) and "imgsim is busy" in str(f)
+               for f in failures)  # never a unique violation after doing all the work
+    done = one(trust_db, "SELECT sum((counts->>'featurized')::int + (counts->>'reused')::int) "
+                         "FROM imgsim.runs WHERE step = 'featurize_images'")[0]
+    assert done == one(trust_db, "SELECT count(*) FROM imgsim.features")[0]
+
+
+# -- interrupted and killed steps --------------------------------------------------------
+def test_a_cancelled_featurize_in_the_database_keeps_its_batches_and_answers_at_once(trust_db):
+    with psycopg.connect(trust_db, autocommit=True) as conn:
+        conn.execute("DELETE FROM imgsim.features")
+    outcome = {}
+
+    def featurize():
+        with psycopg.connect(trust_db, autocommit=True) as conn:
+            outcome["pid"] = conn.info.backend_pid
+            try:
+                conn.execute("CALL imgsim.featurize_images(batch_size => 2)")
+            except psycopg.Error as exc:
+                outcome["error"], outcome["at"] = exc, time.monotonic()
+
+    thread = threading.Thread(target=featurize)
+    thread.start()
+    until(lambda: one(trust_db, "SELECT count(*) FROM imgsim.features")[0] >= 4)
+    cancelled = time.monotonic()
+    one(trust_db, "SELECT pg_cancel_backend(%s)", (outcome["pid"],))
+    thread.join()
+    assert isinstance(outcome["error"], errors.QueryCanceled)
+    assert outcome["at"] - cancelled < 2.0
+    kept = one(trust_db, "SELECT count(*) FROM imgsim.features")[0]
+    status, error = one(trust_db, "SELECT status, error FROM imgsim.runs WHERE step = "
+                                  "'featurize_images' ORDER BY id DESC LIMIT 1")
+    assert kept >= 4 and status == "interrupted" and "canceling" in error
+    with psycopg.connect(trust_db, autocommit=True) as conn:
+        conn.execute("CALL imgsim.featurize_images()")
+        counts = conn.execute("SELECT counts FROM imgsim.runs WHERE step = 'featurize_images' "
+                              "ORDER BY id DESC LIMIT 1").fetchone()[0]
+    known_bad = len(BAD_FILES)  # recorded by the first featurize, not retried
+    assert counts["pending"] + kept + known_bad == one(
+        trust_db, "SELECT count(*) FROM imgsim.images")[0]
+
+
+def test_a_killed_step_is_marked_abandoned_and_its_batches_kept(small_folder, tmp_path):
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    store = open_store(url)
+    sync_image_folder(store, small_folder, progress=False)
+    step = cli("--db", url, "--quiet", "featurize", "--batch-size", "1")
+    until(lambda: rows(store, t.features) >= 2)
+    step.send_signal(signal.SIGKILL)
+    step.wait()
+    killed = store.last_run("featurize_images", status="running")
+    assert killed is not None
+    kept = rows(store, t.features)
+    again = featurize_images(store, progress=False)
+    assert again["pending"] == 12 - kept
+    assert store._fetch(select(t.runs.c.status).where(t.runs.c.id == killed[0]))[0][0] == \
+        "abandoned"
+    store.close()
+
+
+def test_ctrl_c_stops_with_one_line_and_exit_130(small_folder, tmp_path):
+    url = f"sqlite:///{tmp_path / 'int.db'}"
+    store = open_store(url)
+    sync_image_folder(store, small_folder, progress=False)
+    step = cli("--db", url, "--quiet", "featurize", "--batch-size", "1")
+    until(lambda: rows(store, t.features) >= 2)
+    step.send_signal(signal.SIGINT)
+    out, err = step.communicate(timeout=60)
+    assert step.returncode == 130
+    assert err.strip() == "imgsim: interrupted (finished batches were kept)"
+    assert store.last_run("featurize_images", status="interrupted") is not None
+    store.close()
+
+
+@pytest.mark.parametrize("url, says", [
+    ("notaurl", "is not a database URL"),
+    ("sqlite:///no/such/dir/x.db", "the folder no/such/dir does not exist"),
+])
+def test_a_bad_database_url_is_one_line(url, says):
+    done = subprocess.run([sys.executable, "-m", "imgsim.cli", "--db", url, "prepare"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and says in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_mlp_answers_between_epochs_and_ctrl_c_is_not_a_finished_model():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 8)).astype(np.float32), np.array(["a", "b"] * 30)
+    epochs = []
+    fit(make_classifier("mlp", 0), x, y, lambda: epochs.append(1))
+    assert len(epochs) > 1
+    assert len(epochs) == make_classifier("mlp", 0).fit(x, y).steps[-1][1].n_iter_
+
+    def stop_at_three():
+        epochs.append(1)
+        if len(epochs) >= 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises; scikit-learn would swallow it
+
+    epochs.clear()
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_classifier("mlp", 0), x, y, stop_at_three)
+    assert len(epochs) == 3
+
+
+def test_ranking_answers_between_blocks_of_queries():
+    calls = []
+    queries = np.eye(5, dtype=np.float32)
+    top_k_cosine(queries, queries, 2, block=2, between_blocks=lambda: calls.append(1))
+    assert len(calls) == 3
