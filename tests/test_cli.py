@@ -33,3 +33,10 @@ def test_bad_parameter_exits_2_with_the_reason(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'bad.db'}"
     assert main(["--db", db, "prepare", "--ratio-train-test", "1.5"]) == 2
     assert "ratio_train_test must be in (0, 1); got 1.5" in capsys.readouterr().err
+
+
+def test_the_routines_sql_in_the_repository_is_what_deploy_installs(capsys):
+    from imgsim.deploy import SQL_DIR
+
+    assert main(["sql"]) == 0
+    assert capsys.readouterr().out == (SQL_DIR / "routines.sql").read_text()  # imgsim sql >

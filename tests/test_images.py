@@ -85,3 +85,41 @@ def test_preprocess_gives_the_central_square_as_uint8_pixels():
     pixels = preprocess(data)
     assert pixels.shape == (288, 288, 3) and pixels.dtype == np.uint8
     assert pixels[100, 100].tolist() == [127, 255, 0]
+
+
+def _photo(width, height, seed=0):
+    """A smooth, textured stand-in for a camera photo."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (height // 40, width // 40, 3), np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+    noise = rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_gives_the_same_features(empty_store):
+    from imgsim.featurize import Featurizer, backbone_graph
+
+    data = encode(_photo(3200, 2400), "JPEG", quality=92)
+    opened = Image.open(io.BytesIO(data))
+    full = np.asarray(center_square(opened.convert("RGB")))  # the exact, full-size decode
+    reduced = preprocess(data)
+    assert load_rgb(data).size == (400, 300)  # DCT scaling by 1/8, shorter side >= 288
+    featurizer = Featurizer(backbone_graph(empty_store)[1])
+    a, b = featurizer.run(np.stack([full, reduced]))
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.99
+
+
+def test_exif_orientation_is_applied_after_a_reduced_decode():
+    image = _photo(1600, 800)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(image, "JPEG", exif=exif.tobytes())
+    assert load_rgb(data).size == (400, 800)  # decoded at 1/2, then turned upright
+
+
+def test_decoding_beyond_the_memory_allowed_is_refused_before_pixels_are_read():
+    png = encode(Image.new("RGB", (2000, 1500)), "PNG")
+    with pytest.raises(ImageError, match="the memory setting allows"):
+        load_rgb(png, max_decode_bytes=5 << 20)
+    jpeg = encode(Image.new("RGB", (2000, 1500)), "JPEG")
+    assert load_rgb(jpeg, max_decode_bytes=5 << 20).size == (500, 375)  # reduced: it fits

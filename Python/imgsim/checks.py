@@ -43,11 +43,16 @@ def choice(name: str, value, allowed) -> str:
 
 
 def ks(name: str, values) -> list[int]:
-    """A non-empty list of distinct whole numbers >= 1, sorted."""
-    values = [count(name, v, 1) for v in values]
+    """A non-empty list of at most 50 distinct whole numbers from 1 to 1000, sorted."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ParameterError(f"{name} must be a list of whole numbers; got {values!r}")
+    values = sorted({count(name, v, 1) for v in values})
     if not values:
         raise ParameterError(f"{name} must name at least one k")
-    return sorted(set(values))
+    if len(values) > 50 or values[-1] > 1000:
+        raise ParameterError(f"{name} must be at most 50 values from 1 to 1000; got "
+                             f"{len(values)} up to {values[-1]}")
+    return values
 
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
