@@ -123,3 +123,39 @@ def test_decoding_beyond_the_memory_allowed_is_refused_before_pixels_are_read():
         load_rgb(png, max_decode_bytes=5 << 20)
     jpeg = encode(Image.new("RGB", (2000, 1500)), "JPEG")
     assert load_rgb(jpeg, max_decode_bytes=5 << 20).size == (500, 375)  # reduced: it fits
+
+
+PEAK = """
+import sys
+from imgsim.images import preprocess
+
+def peak_kb():  # this process's own high-water mark (ru_maxrss may carry the parent's)
+    return int(next(line.split()[1] for line in open("/proc/self/status")
+                    if line.startswith("VmHWM")))
+
+data = open(sys.argv[1], "rb").read()
+before = peak_kb()
+preprocess(data)
+print((peak_kb() - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("mode, fmt, size, bound_mb", [
+    ("RGB", "JPEG", (7000, 5700), 40),    # decoded at 1/8: flat in image size
+    ("RGB", "PNG", (7000, 5700), 200),    # decoded once (160 MB), reduced before converting
+    ("LA", "PNG", (46000, 869), 200),     # a thin strip: its central square kept at once
+])
+def test_a_40_megapixel_image_stays_under_a_stated_memory_bound(tmp_path, mode, fmt, size,
+                                                                bound_mb):
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 255, (size[1] // 100 + 1, size[0] // 100 + 1, len(mode)), np.uint8)
+    image = Image.fromarray(small, mode).resize(size)
+    path = tmp_path / f"big.{fmt.lower()}"
+    image.save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1}))
+    del image
+    done = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True,
+                          text=True, check=True)
+    assert int(done.stdout) < bound_mb

@@ -143,3 +143,11 @@ def test_chosen_query_images_are_ranked_instead_of_the_test_images(pipeline_stor
     ranked = rank_candidates(pipeline_store, top_k_candidates=2)
     assert ranked["queries"] == 3
     assert {r[0] for r in pipeline_store.ranking_rows(ranked["run_id"])} == set(chosen)
+
+
+def test_a_batch_holds_no_more_bytes_than_allowed():
+    from imgsim.featurize import _batches
+
+    pending = [(i, f"p{i}", f"s{i}", size) for i, size in enumerate([5, 5, 5, 30, 1, 1, 1])]
+    batches = _batches(pending, images=3, max_bytes=12)
+    assert [[i for i, _, _ in b] for b in batches] == [[0, 1], [2], [3], [4, 5, 6]]

@@ -146,15 +146,13 @@ def test_the_analyst_holds_no_table_and_writes_none(target):
             with pytest.raises(errors.InsufficientPrivilege):
                 conn.execute(statement)
             conn.rollback()
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
         first = conn.execute("SELECT min(id) FROM imgsim.images").fetchone()[0]
         conn.execute("CALL imgsim.set_query_images(ARRAY[%s])", (first,))
-        conn.commit()
         with pytest.raises(errors.InvalidParameterValue, match="not images"):
             conn.execute("CALL imgsim.set_query_images(ARRAY[999999])")
-        conn.rollback()
         assert conn.execute("SELECT image_id FROM imgsim.query_images").fetchall() == [(first,)]
         conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
-        conn.commit()
 
 
 SHADOWS = """
@@ -423,3 +421,92 @@ def test_a_client_sends_no_telemetry(tmp_path, small_folder):
          "featurize"], env={**os.environ, "HOME": str(home)}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not (home / ".cache" / "Microsoft").exists()
+
+
+def test_procedures_refuse_a_transaction_block_and_an_open_one_holds_nothing_long(target):
+    """A CALL inside a transaction block would keep its writes (and imgsim) until the
+    block ends; an evaluation in an open transaction makes writers fail fast, naming it."""
+    with psycopg.connect(target["analyst"]) as conn:
+        for call in ("CALL imgsim.refresh()", "CALL imgsim.set_query_images(ARRAY[1])"):
+            with pytest.raises(errors.ActiveSqlTransaction, match="transaction block"):
+                conn.execute(call)
+            conn.rollback()
+        conn.execute("SELECT * FROM imgsim.evaluate_model(ks => ARRAY[1])")  # left open
+        with psycopg.connect(target["dsn"], autocommit=True) as other:
+            started = time.monotonic()
+            with pytest.raises(errors.LockNotAvailable, match="open transaction of backend"):
+                other.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+            assert time.monotonic() - started < 10
+            other.execute("SELECT * FROM imgsim.evaluate_model(ks => ARRAY[1])")  # readers share
+        conn.rollback()
+    with psycopg.connect(target["dsn"], autocommit=True) as other:
+        other.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+
+
+def test_no_one_can_hold_imgsim_with_an_advisory_lock(target):
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(1768777587, 1), "
+                     "pg_advisory_lock_shared(1768777587, 2)")
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM imgsim.step_locks")
+        with psycopg.connect(target["dsn"], autocommit=True) as dba:
+            dba.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")  # not blocked
+
+
+def test_a_pipe_in_an_allowed_folder_is_never_opened(target):
+    images = target["allowed"] / "images"
+    pipe = images / "striped" / "pipe.jpg"
+    os.mkfifo(pipe)
+    os.chmod(pipe, 0o644)
+    try:
+        with psycopg.connect(target["analyst"], autocommit=True) as conn:
+            conn.execute("SET statement_timeout = '60s'")
+            conn.execute("CALL imgsim.sync_image_folder(%s)", (str(images),))
+            reason = conn.execute("SELECT reason FROM imgsim.image_errors WHERE path = "
+                                  "'striped/pipe.jpg'").fetchone()
+        assert reason == ("not a regular file (a pipe, device or socket)",)
+    finally:
+        pipe.unlink()
+
+
+def test_array_parameters_are_bounded(target):
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        with pytest.raises(errors.InvalidParameterValue, match="at most 50 values"):
+            conn.execute("SELECT count(*) FROM imgsim.evaluate_model("
+                         "ks => array(SELECT generate_series(1, 60000)))")
+        with pytest.raises(errors.InvalidParameterValue, match="at most 100000"):
+            conn.execute("CALL imgsim.set_query_images(%s)", (list(range(1, 100002)),))
+
+
+def test_the_refresh_reads_no_file_a_caller_named(target, tmp_path):
+    """The job runs as a superuser: it must not read again a weights path an analyst
+    gave (which may since lead elsewhere); it uses the graphs stored in models."""
+    from imgsim import backbones
+
+    weights = target["allowed"] / "lite0.pth"
+    shutil.copy(backbones.weights_path("efficientnet_lite0"), weights)
+    os.chmod(weights, 0o644)
+    try:
+        with psycopg.connect(target["analyst"], autocommit=True) as conn:
+            conn.execute("CALL imgsim.train_classifier(backbone => 'efficientnet_lite0', "
+                         "weights => %s)", (str(weights),))
+    finally:
+        weights.unlink()
+    os.symlink("/etc/shadow", weights)  # the path now leads somewhere secret
+    try:
+        with psycopg.connect(target["dsn"], autocommit=True) as dba:
+            dba.execute("CALL imgsim.refresh(top_k_candidates => 2)")
+            status = dba.execute("SELECT status FROM imgsim.runs WHERE step = 'score_images' "
+                                 "ORDER BY id DESC LIMIT 1").fetchone()
+        assert status == ("succeeded",)
+    finally:
+        weights.unlink()
+
+
+def test_a_run_records_who_logged_in_and_as_whom(target):
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        conn.execute("SET ROLE imgsim_analyst")
+        conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+        by = conn.execute("SELECT started_by FROM imgsim.runs ORDER BY id DESC LIMIT 1"
+                          ).fetchone()[0]
+    assert by.startswith("mallory as imgsim_analyst (backend ")

@@ -124,3 +124,11 @@ def test_a_one_image_category_is_left_out_and_the_run_goes_on(small_folder, empt
     left_out = results["prepare_data"]["left_out"]
     assert [x["category"] for x in left_out] == ["tiny"]
     assert results["train_classifier"]["classes"] == ["argyle", "dotted", "zebra"]
+
+
+def test_a_pipe_or_other_special_file_is_recorded_not_opened(small_folder, empty_store):
+    os.mkfifo(small_folder / "zebra" / "pipe.jpg")
+    counts = sync_image_folder(empty_store, small_folder, progress=False)
+    assert counts["refused"] == 1 and counts["added"] == 12
+    reasons = {p: r for p, _, r, _ in empty_store.image_error_rows()}
+    assert reasons["zebra/pipe.jpg"] == "not a regular file (a pipe, device or socket)"

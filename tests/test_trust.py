@@ -170,7 +170,7 @@ def test_in_the_database_the_loser_of_a_race_fails_at_once_naming_the_winner(tru
     holder = SQLAlchemyStore(trust_db)
     with holder.lock():
         before = one(trust_db, "SELECT count(*) FROM imgsim.runs")
-        with pytest.raises(errors.LockNotAvailable, match="imgsim is busy: backend"):
+        with pytest.raises(errors.LockNotAvailable, match=r"imgsim is busy: \S+@\S+ \(pid \d+\)"):
             with psycopg.connect(trust_db, autocommit=True) as conn:
                 conn.execute("CALL imgsim.featurize_images()")
         assert one(trust_db, "SELECT count(*) FROM imgsim.runs") == before
@@ -214,6 +214,10 @@ def test_a_cancelled_featurize_in_the_database_keeps_its_batches_and_answers_at_
     thread = threading.Thread(target=featurize)
     thread.start()
     until(lambda: one(trust_db, "SELECT count(*) FROM imgsim.features")[0] >= 4)
+    with psycopg.connect(trust_db, autocommit=True) as conn:  # meanwhile: busy, naming it
+        with pytest.raises(errors.LockNotAvailable,
+                           match=r"busy: run \d+ \(featurize_images, started .* by postgres"):
+            conn.execute("CALL imgsim.prepare_data()")
     cancelled = time.monotonic()
     one(trust_db, "SELECT pg_cancel_backend(%s)", (outcome["pid"],))
     thread.join()

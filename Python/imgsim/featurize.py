@@ -167,7 +167,8 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
     -------
     dict of counts: ``featurized``, ``reused`` (same content seen before),
     ``failed`` (recorded in image_errors), ``pending`` (images considered),
-    ``batch_size`` (images per batch, as the memory setting allowed).
+    ``batch_size`` (images per batch at most, as the memory setting allowed; a batch also
+    holds no more bytes of files than it allows).
 
     Example
     -------
@@ -211,7 +212,7 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
             featurizer = Featurizer(graph, max_decode_bytes=budget.decode_bytes)
             bar = tqdm(total=len(pending), desc=f"featurize {backbone}", unit="img",
                        disable=not progress)
-            batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+            batches = _batches(pending, batch_size, budget.batch_bytes)
             # Store access stays on this thread (plpy is single-threaded); the worker
             # thread only decodes, overlapping with inference of the previous batch.
             with ThreadPoolExecutor(max_workers=1, initializer=_block_signals) as pool:
@@ -228,6 +229,19 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
             bar.close()
         run.counts.update(counts)
     return counts
+
+
+def _batches(pending, images: int, max_bytes: int) -> list[list[tuple]]:
+    """``pending`` in order, in batches of at most ``images`` images and ``max_bytes``
+    bytes of files (a larger file makes a batch of its own)."""
+    batches, batch, held = [], [], 0
+    for image_id, path, sha, size in pending:
+        if batch and (len(batch) == images or held + size > max_bytes):
+            batches.append(batch)
+            batch, held = [], 0
+        batch.append((image_id, path, sha))
+        held += size
+    return batches + ([batch] if batch else [])
 
 
 def _wait(store, future):

@@ -6,8 +6,10 @@ Preprocessing, the same for every backbone, step and compute context:
    images whose decoded pixels would not fit the memory allowed (``max_decode_bytes``);
    decode only as many pixels as the result needs: a JPEG is decoded reduced by its
    DCT scaling (1/2, 1/4 or 1/8, the smallest whose shorter side stays at least 288 px),
-   other formats are box-reduced right after decoding, by the factor the final resize
-   would reduce by anyway (``reducing_gap`` 3), before any conversion copies them;
+   an image more than twice as long as wide keeps only its central square (with a margin
+   for the resize filter) before anything else, and other formats are box-reduced right
+   after decoding, by the factor the final resize would reduce by anyway
+   (``reducing_gap`` 3), before any conversion copies them;
 2. apply the EXIF orientation;
 3. convert to 8-bit RGB: transparency (RGBA, LA, palette with transparency) is
    composited on white, 16-bit and 32-bit grayscale is scaled to 8 bits, CMYK and
@@ -25,6 +27,7 @@ Anything Pillow cannot decode raises :class:`ImageError` with the reason.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -48,9 +51,10 @@ def decode_bytes(width: int, height: int, mode: str) -> int:
 
 
 def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
-             max_decode_bytes: int | None = None) -> Image.Image:
+             max_decode_bytes: int | None = None, square: bool = False) -> Image.Image:
     """Decode ``data`` to an 8-bit RGB image whose shorter side is at least ``size`` (or
-    the image's own, when smaller), or raise ImageError saying why not."""
+    the image's own, when smaller), or raise ImageError saying why not. ``square``: only
+    the central square will be used (keep no more of a very long image)."""
     if not data:
         raise ImageError("empty file")
     try:
@@ -77,6 +81,8 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
             Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode: {exc}") from None
     exif = image.getexif()
+    if square:
+        image = central_band(image, size)
     if image.mode in CONVERT_FIRST:
         image = to_rgb(image)
     factor = int(min(image.size) / size / REDUCING_GAP)
@@ -87,6 +93,19 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
     except Exception:  # a broken EXIF block must not lose an otherwise good image
         pass
     return to_rgb(image)
+
+
+def central_band(image: Image.Image, size: int = SIZE) -> Image.Image:
+    """Of an image more than twice as long as wide (or tall as wide), the central square
+    with a margin wide enough for resizing it to ``size``; other images as they are."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long <= 2 * short:
+        return image
+    keep = min(long, short + 2 * (math.ceil(2 * short / size) + 2))
+    start = (long - keep) // 2
+    box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+    return image.crop(box)
 
 
 def _with_exif(image: Image.Image, exif) -> Image.Image:
@@ -132,12 +151,13 @@ def preprocess(data: bytes, max_pixels: int = MAX_PIXELS,
                max_decode_bytes: int | None = None) -> np.ndarray:
     """Bytes of one image to its ``(SIZE, SIZE, 3)`` uint8 pixels, ready for a backbone
     graph (which normalises them itself)."""
-    return np.asarray(center_square(load_rgb(data, max_pixels, SIZE, max_decode_bytes)))
+    return np.asarray(center_square(load_rgb(data, max_pixels, SIZE, max_decode_bytes,
+                                             square=True)))
 
 
 def thumbnail(data: bytes, size: int = 96) -> bytes:
     """A small JPEG of the image for reports."""
-    image = center_square(load_rgb(data, size=size), size)
+    image = center_square(load_rgb(data, size=size, square=True), size)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=80)
     return out.getvalue()

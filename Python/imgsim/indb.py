@@ -13,10 +13,11 @@ travels through SQL: ``_step`` called by anyone else (an analyst's own SELECT, a
 session) finds no such token and refuses, so the internal routine gives nothing beyond
 the public ones, whose parameters are exactly the documented ones.
 
-Between stretches a procedure commits when its caller allows it (a CALL outside a
-transaction block), so finished work is kept when the step is cancelled or fails later;
-a step that fails is recorded as failed (or interrupted) in imgsim.runs, and its error
-is raised to the caller with a SQLSTATE that says what kind of error it is.
+A procedure commits between stretches, so finished work is kept when the step is
+cancelled or fails later, and it refuses to run inside a transaction block (where it
+could neither keep its work nor let others work while the block stays open). A step
+that fails is recorded as failed (or interrupted) in imgsim.runs, and its error is
+raised to the caller with a SQLSTATE that says what kind of error it is.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class Invocation:
 
     routine: str
     arguments: dict
-    caller: str
+    caller: str  # the role whose rights the call has (current_user)
+    login: str  # who logged in (session_user), for the record
     store: PlpyStore | None = None
     stretches: object = None
     result: object = None
@@ -89,7 +91,8 @@ _PLANS: dict = {}
 def _plan(plpy, name: str):
     if name not in _PLANS:
         _PLANS[name] = {
-            "caller": lambda: plpy.prepare("SELECT current_user::pg_catalog.text AS caller"),
+            "caller": lambda: plpy.prepare("SELECT current_user::pg_catalog.text AS caller, "
+                                           "session_user::pg_catalog.text AS login"),
             "step": lambda: plpy.prepare(
                 "SELECT imgsim._step($1, $2) AS state", ["pg_catalog.text", "pg_catalog.text"]),
         }[name]()
@@ -99,23 +102,26 @@ def _plan(plpy, name: str):
 def call(plpy, routine: str, arguments: dict, procedure: bool):
     """The body of every public routine: run ``routine`` with ``arguments`` (the routine's
     own parameters, by name) to the end; return its result."""
-    caller = plpy.execute(_plan(plpy, "caller"))[0]["caller"]
+    if procedure:
+        try:
+            plpy.commit()  # nothing done yet: this only asks whether it may commit
+        except plpy.SPIError:
+            raise plpy.spiexceptions.ActiveSqlTransaction(
+                f"imgsim.{routine} cannot run inside a transaction block: it commits as it "
+                "goes, keeping finished work; CALL it on its own (autocommit)") from None
+    caller = plpy.execute(_plan(plpy, "caller"))[0]
     token = secrets.token_hex(16)
     invocation = _INVOCATIONS[token] = Invocation(
-        routine, {k: v for k, v in arguments.items() if v is not None}, caller)
+        routine, {k: v for k, v in arguments.items() if v is not None}, caller["caller"],
+        caller["login"])
     step = _plan(plpy, "step")
     try:
         if not procedure:
             state = plpy.execute(step, [token, "all"])[0]["state"]
         else:
-            can_commit = True
             while True:
                 state = plpy.execute(step, [token, "next"])[0]["state"]
-                if can_commit:
-                    try:
-                        plpy.commit()
-                    except plpy.SPIError:  # CALLed inside a transaction block: it decides
-                        can_commit = False
+                plpy.commit()
                 if state != "more":
                     break
     finally:
@@ -136,7 +142,7 @@ def step(plpy, token: str, action: str) -> str:
             "imgsim._step is internal: it runs the step of a call of one of imgsim's "
             "routines and cannot be called on its own")
     if invocation.stretches is None:
-        invocation.store = PlpyStore(plpy, invocation.caller)
+        invocation.store = PlpyStore(plpy, invocation.caller, invocation.login)
         invocation.stretches = STEPS[invocation.routine](invocation.store,
                                                          **invocation.arguments)
     if action == "close":

@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import checks, lineage
 from .backbones import DEFAULT_BACKBONE, SPECS
 from .evaluate import DEFAULT_KS, evaluate_model
-from .featurize import feature_key, featurize_images, features_in_use
+from .featurize import featurize_images, features_in_use
 from .finetune import DEFAULT_EPOCHS, check_request
 from .prepare import DEFAULT_SEED, prepare_data
 from .rank import SPACES, check_k, rank_candidates
@@ -81,11 +81,11 @@ def refresh(store, top_k_candidates: int = 10, space: str = "scores") -> dict:
         raise lineage.StaleInputs("no classifier has been trained yet: nothing to refresh")
     results = {}
     with store.lock():
-        backbone, weights = train[1]["backbone"], train[1].get("weights")
+        # the graphs stored when the classifier was trained: no file is read again
+        base, key = train[1]["feature_key"], features_in_use(store)
         results["featurize_images"] = yield from featurize_images.stretches(
-            store, backbone, weights, progress=False)
-        key = features_in_use(store)
-        if key != feature_key(backbone, weights):  # a fine-tuned backbone's features too
+            store, model=base, progress=False)
+        if key != base:  # a fine-tuned backbone's features too
             results["featurize_tuned"] = yield from featurize_images.stretches(
                 store, model=key, progress=False)
         results["score_images"] = yield from score_images.stretches(store)

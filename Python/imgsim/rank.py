@@ -17,9 +17,11 @@ import numpy as np
 from . import checks, lineage, settings
 from .featurize import features_in_use
 from .runs import recorded, stepwise
+from .sync import MAX_FILE_BYTES
 
 SPACES = ("scores", "features")
 MAX_K = 1000
+MAX_QUERIES = 100_000
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
@@ -144,7 +146,9 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
         else:
             indices, distances = top_k_cosine(
                 queries, matrix, top_k, None if include_self else np.array(query_ids),
-                None if include_self else ids, between_blocks=store.check_interrupts)
+                None if include_self else ids,
+                block=settings.budget(store).ranking_block(len(ids)),
+                between_blocks=store.check_interrupts)
             rows = [(q, r + 1, int(ids[c]), float(d)) for q, idx, dist in
                     zip(query_ids, indices, distances) for r, (c, d) in enumerate(zip(idx, dist))]
         with store.transaction():
@@ -171,8 +175,11 @@ def set_query_images(store, image_ids) -> dict:
     What an analyst may change: the routine checks the ids and holds the step lock, so
     no one holds the table itself.
     """
-    if isinstance(image_ids, (str, bytes)) or not hasattr(image_ids, "__iter__"):
+    if isinstance(image_ids, (str, bytes)) or not hasattr(image_ids, "__len__"):
         raise checks.ParameterError(f"image_ids must be a list of image ids; got {image_ids!r}")
+    if len(image_ids) > MAX_QUERIES:
+        raise checks.ParameterError(f"image_ids must hold at most {MAX_QUERIES} ids; got "
+                                    f"{len(image_ids)}")
     ids = sorted({checks.count("image_ids", i, 1) for i in image_ids})
     known = {i for i, _, _, _ in store.image_info(ids)} if ids else set()
     unknown = [i for i in ids if i not in known]
@@ -220,6 +227,9 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> l
     checks.choice("space", space, SPACES)
     if not isinstance(image, (bytes, bytearray, memoryview)):
         raise checks.ParameterError("image must be the bytes of an image file")
+    if len(image) > MAX_FILE_BYTES:
+        raise checks.ParameterError(f"image is {len(image) >> 20} MB, over the limit of "
+                                    f"{MAX_FILE_BYTES >> 20} MB")
     train = store.last_run("train_classifier")
     if train is None:
         raise lineage.StaleInputs("no classifier has been trained: run train first")

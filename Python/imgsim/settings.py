@@ -54,20 +54,35 @@ def read(store) -> dict:
 
 @dataclass(frozen=True)
 class Budget:
-    """How a step spends ``memory_mb``: 60% for inference, 40% for decoding one image."""
+    """How a step spends ``memory_mb`` beyond the process's own ``BASE_MB``: 40% for
+    inference, 30% for decoding one image, 15% for the bytes of each of the two batches
+    in flight (the one inferred, the one decoded meanwhile); ranking's blocks of query
+    similarities take 40%."""
 
     memory_mb: int
 
     @property
+    def _spare(self) -> int:
+        return max(self.memory_mb - BASE_MB, 32) << 20
+
+    @property
     def images_at_once(self) -> int:
         """How many images one ONNX Runtime call may take."""
-        share = (self.memory_mb - BASE_MB) * 0.6
-        return max(1, int(share // INFERENCE_MB_PER_IMAGE))
+        return max(1, int(self._spare * 0.4) // (INFERENCE_MB_PER_IMAGE << 20))
 
     @property
     def decode_bytes(self) -> int:
         """How much memory decoding one image may take."""
-        return int((self.memory_mb - BASE_MB) * 0.4) << 20
+        return int(self._spare * 0.3)
+
+    @property
+    def batch_bytes(self) -> int:
+        """How many bytes of image files one batch may hold (at least one image)."""
+        return int(self._spare * 0.15)
+
+    def ranking_block(self, candidates: int) -> int:
+        """How many queries one block of exact ranking may compare with ``candidates``."""
+        return max(1, min(1024, int(self._spare * 0.4) // (8 * max(candidates, 1))))
 
 
 def budget(store) -> Budget:

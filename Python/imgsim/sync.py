@@ -7,7 +7,8 @@ from the table; in both cases everything derived from the old row (features, spl
 evaluation pairs, scores, rankings) goes with it. Files present but unreadable keep
 their row and are recorded in image_errors, as are files that cannot be stored: a name
 that is not valid UTF-8 (shown with replacement characters), a symbolic link leading
-out of the folder, a file over ``MAX_FILE_BYTES``. Paths are stored relative to the
+out of the folder, anything but a regular file (a pipe is never opened), a file over
+``MAX_FILE_BYTES``. Paths are stored relative to the
 folder, with forward slashes, whatever the operating system.
 
 Syncing another folder than the one the table mirrors would remove every image of the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from tqdm import tqdm
@@ -72,6 +74,13 @@ def list_image_files(folder: Path) -> tuple[list[tuple[str, str, Path]], list[tu
                 if os.path.islink(full) and not _inside(full, root):
                     refused.append((rel, "a link to a file outside the synced folder"))
                     continue
+                try:
+                    regular = stat.S_ISREG(os.stat(full).st_mode)
+                except OSError:
+                    regular = True  # unreadable: recorded when it is read
+                if not regular:
+                    refused.append((rel, "not a regular file (a pipe, device or socket)"))
+                    continue
                 found.append((rel, rel.split("/", 1)[0], Path(full)))
     return found, refused
 
@@ -82,13 +91,25 @@ def _inside(path: str, root: str) -> bool:
 
 
 def _read(path: Path, root: str) -> bytes:
-    """The bytes of ``path``, opened without following a link swapped in after listing."""
+    """The bytes of the regular file ``path``, inside ``root``.
+
+    Checked before opening (a pipe or device is never opened; opening does not block),
+    and again on what was opened, so that a link or folder swapped in after the
+    listing cannot lead the read outside ``root``."""
     real = os.path.realpath(path)
     if not _inside(real, root):
         raise OSError("a link to a file outside the synced folder")
-    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    if not stat.S_ISREG(os.stat(real).st_mode):
+        raise OSError("not a regular file (a pipe, device or socket)")
+    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size > MAX_FILE_BYTES:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError("not a regular file (a pipe, device or socket)")
+        opened = Path(f"/proc/self/fd/{fd}")
+        if opened.exists() and not _inside(os.readlink(opened), root):
+            raise OSError("it was moved out of the synced folder while it was read")
+        if info.st_size > MAX_FILE_BYTES:
             raise OSError(f"larger than the limit of {MAX_FILE_BYTES >> 20} MB")
         return fh.read(MAX_FILE_BYTES + 1)
 

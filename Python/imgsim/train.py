@@ -131,12 +131,14 @@ def train_classifier(store, backbone: str | None = None, weights=None,
     checks.count("seed", seed, 0)
     if fine_tune:
         finetune.check_request(epochs)
-    if weights is not None:
-        weights = store.readable_path(weights, "weights")
     split = lineage.current_split(store)
-    if backbone is None:
-        backbone, weights = split[1]["backbone"], split[1].get("weights")
-    key = feature_key(backbone, weights)
+    if backbone is None:  # the split's features, by their key: no file is read again
+        backbone, weights, key = (split[1]["backbone"], split[1].get("weights"),
+                                  split[1]["feature_key"])
+    else:
+        if weights is not None:
+            weights = store.readable_path(weights, "weights")
+        key = feature_key(backbone, weights)
     params = {"backbone": backbone, "weights": str(weights) if weights else None,
               "feature_key": key, "kind": kind, "fine_tune": bool(fine_tune),
               "epochs": epochs if fine_tune else None}

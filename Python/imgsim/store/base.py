@@ -4,7 +4,7 @@ Steps call only these methods. Each is written once as SQLAlchemy Core statement
 a backend supplies the primitives: ``_fetch`` (run a statement, return rows as
 tuples), ``_write`` (run a statement, optionally with a list of parameter rows),
 ``transaction`` (a context in which all writes commit together or not at all), and
-the three of the step lock (``_try_lock``, ``_downgrade``, ``_unlock``).
+the two of the step lock (``_acquire``, ``_release``).
 
 The store also answers for where it runs: who is running the step (``who``), which
 files a step may read (``readable_path``: anything on a client, an allowed folder inside
@@ -17,13 +17,15 @@ import datetime as dt
 import getpass
 import hashlib
 import os
+import secrets
 import socket
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import (Boolean, Column, Float, Integer, MetaData, String, Table, and_,
-                        bindparam, cast, delete, func, insert, literal, not_, select, update)
+                        bindparam, cast, delete, func, insert, literal, not_, select, text,
+                        update)
 
 from .. import checks
 from . import tables as t
@@ -50,8 +52,12 @@ _extension = Table("pg_extension", MetaData(schema="pg_catalog"),
                    Column("extname", String), Column("extnamespace", Integer))
 _namespace = Table("pg_namespace", MetaData(schema="pg_catalog"),
                    Column("oid", Integer), Column("nspname", String))
+_pg_class = Table("pg_class", MetaData(schema="pg_catalog"),
+                  Column("oid", Integer), Column("relname", String),
+                  Column("relnamespace", Integer))
 _pg_locks = Table("pg_locks", MetaData(schema="pg_catalog"),
                   Column("locktype", String), Column("database", Integer),
+                  Column("relation", Integer),
                   Column("classid", Integer), Column("objid", Integer),
                   Column("objsubid", Integer), Column("pid", Integer),
                   Column("granted", Boolean))
@@ -69,8 +75,12 @@ class Busy(RuntimeError):
     """Another imgsim step holds the database; raised at once, before anything is written."""
 
 
-# The advisory lock of imgsim's steps in PostgreSQL: ('imgs', 1) as two int4 keys.
-LOCK_KEYS = (0x696D6773, 1)
+# The first key of the advisory locks that keep imgsim's leases alive ('imgs'), and how
+# long taking a lease waits for a transaction that is taking or holding one.
+LEASE_KEY = 0x696D6773
+LEASE_WAIT = "2s"
+_LOCK_LEASES = {True: text("LOCK TABLE imgsim.step_locks IN SHARE ROW EXCLUSIVE MODE"),
+                False: text("LOCK TABLE imgsim.step_locks IN ROW EXCLUSIVE MODE")}
 
 
 class Store:
@@ -92,32 +102,87 @@ class Store:
     def create_tables(self) -> None:
         raise NotImplementedError
 
-    def _try_lock(self, exclusive: bool) -> bool:
-        """Take the step lock without waiting; False when another holder has it."""
+    def _acquire(self, exclusive: bool) -> bool:
+        """Take the step lock without waiting (marking abandoned runs when no one else
+        holds it); False when another holder has it."""
         raise NotImplementedError
 
-    def _downgrade(self) -> None:
-        """Turn the exclusive step lock this store holds into a shared one."""
+    def _release(self) -> None:
         raise NotImplementedError
 
-    def _unlock(self) -> None:
-        raise NotImplementedError
+    # -- the step lock in PostgreSQL: leases in imgsim.step_locks --------------------------
+    # A lease is a row of step_locks that names a token: a session advisory lock
+    # (LEASE_KEY, token) its holder keeps while it holds the lease, so that a lease whose
+    # backend died is seen as dead (its advisory lock went with the backend). Analysts may
+    # not read, write or lock step_locks, and a token is a fresh random number, so no one
+    # can hold imgsim by taking an advisory lock. Leases are taken under a table lock
+    # (ROW EXCLUSIVE for shared leases, SHARE ROW EXCLUSIVE for exclusive ones), waited
+    # for at most LEASE_WAIT: a transaction that took a lease and is still open holds it.
+    def _lease_acquire(self, exclusive: bool) -> int | None:
+        """In the caller's transaction: the token of a new lease, or None when a live
+        lease is in the way. Raises the server's lock_not_available after LEASE_WAIT."""
+        previous = self._fetch(select(func.current_setting("lock_timeout")))[0][0]
+        self._fetch(select(func.set_config("lock_timeout", LEASE_WAIT, True)))
+        self._write(_LOCK_LEASES[exclusive])
+        self._fetch(select(func.set_config("lock_timeout", previous, True)))
+        s = t.step_locks.c
+        leases = dict(self._fetch(select(s.token, s.exclusive)))
+        live = self._live_tokens(leases)
+        dead = [token for token in leases if token not in live]
+        if dead:
+            self._write(delete(t.step_locks).where(s.token.in_(dead)))
+        if live and (exclusive or any(leases[token] for token in live)):
+            return None
+        if not live:
+            self.mark_abandoned()
+        while True:
+            token = secrets.randbelow(2**31 - 1) + 1
+            if self._fetch(select(func.pg_try_advisory_lock(LEASE_KEY, token)))[0][0]:
+                break
+        self._write(insert(t.step_locks).values(token=token, exclusive=exclusive,
+                                                holder=self.who(), since=now()))
+        return token
+
+    def _lease_release(self, token: int) -> None:
+        self._write(delete(t.step_locks).where(t.step_locks.c.token == token))
+        self._fetch(select(func.pg_advisory_unlock(LEASE_KEY, token)))
+
+    def _live_tokens(self, tokens) -> set[int]:
+        """Which of ``tokens`` a backend of this database still holds."""
+        if not tokens:
+            return set()
+        lock, d = _pg_locks.c, _pg_database.c
+        return {r[0] for r in self._fetch(
+            select(lock.objid).where(
+                lock.locktype == "advisory", lock.classid == LEASE_KEY, lock.objsubid == 2,
+                lock.granted, lock.objid.in_(list(tokens)),
+                lock.database == select(d.oid).where(d.datname == func.current_database())
+                .scalar_subquery()))}
 
     def _lock_holder(self) -> str | None:
-        """Which other PostgreSQL backend holds the step lock (SQLite cannot tell)."""
+        """Who holds imgsim in PostgreSQL: live leases, and open transactions that took one
+        (SQLite cannot tell)."""
         if self.dialect_name != "postgresql":
             return None
-        lock, a, d = _pg_locks.c, _pg_stat_activity.c, _pg_database.c
-        rows = self._fetch(
-            select(lock.pid, a.usename).select_from(_pg_locks.join(_pg_stat_activity,
-                                                                   a.pid == lock.pid))
-            .where(lock.locktype == "advisory", lock.classid == LOCK_KEYS[0],
-                   lock.objid == LOCK_KEYS[1], lock.objsubid == 2, lock.granted,
-                   lock.pid != func.pg_backend_pid(),
-                   lock.database == select(d.oid).where(d.datname == func.current_database())
-                   .scalar_subquery())
-            .limit(1))
-        return f"backend {rows[0][0]} (role {rows[0][1]})" if rows else None
+        s = t.step_locks.c
+        leases = self._fetch(select(s.token, s.holder, s.since))
+        live = self._live_tokens([r[0] for r in leases])
+        holders = [f"{holder} (since {str(since)[:19]})" for token, holder, since in leases
+                   if token in live]
+        lock, a = _pg_locks.c, _pg_stat_activity.c
+        holders += [f"an open transaction of backend {pid} (role {role})" for pid, role in
+                    self._fetch(select(lock.pid, a.usename).distinct()
+                                .select_from(_pg_locks.join(_pg_stat_activity,
+                                                            a.pid == lock.pid))
+                                .where(lock.locktype == "relation", lock.granted,
+                                       lock.relation == select(_pg_class.c.oid).where(
+                                           _pg_class.c.relname == "step_locks",
+                                           _pg_class.c.relnamespace == select(
+                                               _namespace.c.oid).where(
+                                               _namespace.c.nspname == t.SCHEMA)
+                                           .scalar_subquery()).scalar_subquery(),
+                                       lock.pid != func.pg_backend_pid()))]
+        return ", ".join(holders) or None
 
     # -- where the store runs -------------------------------------------------------------
     def who(self) -> str:
@@ -154,22 +219,14 @@ class Store:
             finally:
                 self._lock_depth -= 1
             return
-        if self._try_lock(True):
-            try:
-                self.mark_abandoned()
-            except BaseException:
-                self._unlock()
-                raise
-            if not exclusive:
-                self._downgrade()
-        elif exclusive or not self._try_lock(False):
+        if not self._acquire(exclusive):
             raise Busy(self._busy_message())
         self._lock_depth, self._lock_exclusive = 1, exclusive
         try:
             yield
         finally:
             self._lock_depth, self._lock_exclusive = 0, False
-            self._unlock()
+            self._release()
 
     def _busy_message(self) -> str:
         running = [f"run {i} ({step}, started {str(started)[:19]} by {by or 'unknown'})"
@@ -262,14 +319,14 @@ class Store:
         return self._fetch(select(c.path, c.step, c.reason, c.at).order_by(c.id))
 
     # -- features -----------------------------------------------------------------------
-    def pending_images(self, backbone: str, step: str) -> list[tuple[int, str, str]]:
+    def pending_images(self, backbone: str, step: str) -> list[tuple[int, str, str, int]]:
         """Images without current features for ``backbone``, skipping content already
-        recorded as bad in ``step``: ``(id, path, sha256)``."""
+        recorded as bad in ``step``: ``(id, path, sha256, size_bytes)``."""
         i, f, e = t.images.c, t.features.c, t.image_errors.c
         has_features = select(f.image_id).where(
             f.image_id == i.id, f.backbone == backbone, f.sha256 == i.sha256).exists()
         known_bad = select(e.id).where(e.sha256 == i.sha256, e.step == step).exists()
-        return self._fetch(select(i.id, i.path, i.sha256)
+        return self._fetch(select(i.id, i.path, i.sha256, i.size_bytes)
                            .where(not_(has_features), not_(known_bad)).order_by(i.id))
 
     def vectors_by_sha(self, backbone: str, shas) -> dict[str, bytes]:

@@ -32,7 +32,7 @@ from sqlalchemy.sql import Select
 
 from .. import settings
 from . import tables as t
-from .base import LOCK_KEYS, Store, now
+from .base import Store, now
 
 DIALECT = postgresql.dialect(paramstyle="numeric_dollar")
 
@@ -84,12 +84,13 @@ class PlpyStore(Store):
     dialect_name = "postgresql"
     local_files = False
 
-    def __init__(self, plpy, caller: str | None = None):
+    def __init__(self, plpy, caller: str | None = None, login: str | None = None):
         self.plpy = plpy
-        self.caller = caller
+        self.caller, self.login = caller, login or caller
         self._depth = 0
         self._plans = {}
         self._started = []
+        self._token = None
         self._last_check = time.monotonic()
 
     # -- primitives ---------------------------------------------------------------------
@@ -152,7 +153,8 @@ class PlpyStore(Store):
 
     # -- the caller ---------------------------------------------------------------------
     def who(self) -> str:
-        return f"{self.caller} (backend {os.getpid()})"
+        role = self.login if self.login == self.caller else f"{self.login} as {self.caller}"
+        return f"{role} (backend {os.getpid()})"
 
     def readable_path(self, path, what: str = "path") -> Path:
         """``path`` resolved, if the caller may make the server read it."""
@@ -185,24 +187,23 @@ class PlpyStore(Store):
             self._fetch(select(1))
             self._last_check = time.monotonic()
 
-    # -- the step lock: an advisory lock of this backend ----------------------------------
-    def _try_lock(self, exclusive: bool) -> bool:
-        take = func.pg_try_advisory_lock if exclusive else func.pg_try_advisory_lock_shared
-        got = self._fetch(select(take(*LOCK_KEYS)))[0][0]
-        if got:
-            self._held = exclusive
-        return bool(got)
+    # -- the step lock: a lease held by this backend --------------------------------------
+    def _acquire(self, exclusive: bool) -> bool:
+        try:
+            with self.transaction():
+                token = self._lease_acquire(exclusive)
+        except self.plpy.SPIError as exc:
+            if getattr(exc, "sqlstate", None) == "55P03":  # a lease is being taken
+                return False
+            raise
+        self._token = token
+        return token is not None
 
-    def _downgrade(self) -> None:
-        self._fetch(select(func.pg_advisory_lock_shared(*LOCK_KEYS)))
-        self._fetch(select(func.pg_advisory_unlock(*LOCK_KEYS)))
-        self._held = False
-
-    def _unlock(self) -> None:
-        held, self._held = getattr(self, "_held", None), None
-        if held is not None:
-            release = func.pg_advisory_unlock if held else func.pg_advisory_unlock_shared
-            self._fetch(select(release(*LOCK_KEYS)))
+    def _release(self) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            with self.transaction():
+                self._lease_release(token)
 
     # -- runs -----------------------------------------------------------------------------
     def start_run(self, step: str, parameters: dict, seed: int | None = None) -> int:
@@ -216,7 +217,7 @@ class PlpyStore(Store):
         of the lock."""
         from ..runs import interrupted
 
-        self._unlock()
+        self._release()
         self._lock_depth = 0
         message = exc.args[0] if exc.args else type(exc).__name__
         if self._started:

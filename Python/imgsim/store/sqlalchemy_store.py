@@ -7,14 +7,14 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, func, inspect, select
+from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SAWarning
+from sqlalchemy.exc import ArgumentError, OperationalError, SAWarning
 from sqlalchemy.schema import CreateColumn, CreateSchema
 
 from .. import checks
 from . import tables
-from .base import LOCK_KEYS, Store
+from .base import Store
 
 DEFAULT_URL = "sqlite:///imgsim.db"
 
@@ -124,66 +124,86 @@ class SQLAlchemyStore(Store):
                         ddl = CreateColumn(column).compile(dialect=connection.dialect)
                         connection.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {ddl}")
 
-    # -- the step lock: a lock file beside a SQLite file, an advisory lock in PostgreSQL --
+    # -- the step lock: a lock file beside SQLite, a lease in PostgreSQL --------------
+    def _acquire(self, exclusive: bool) -> bool:
+        if self.dialect_name == "sqlite":
+            return self._flock(exclusive)
+        connection = self.engine.connect()  # held for the step: the lease's token is its own
+        self._connection = connection
+        try:
+            token = self._lease_acquire(exclusive)
+            connection.commit()
+        except OperationalError as exc:
+            connection.rollback()
+            connection.close()
+            if getattr(exc.orig, "sqlstate", None) == "55P03":  # a lease is being taken
+                return False
+            raise
+        except BaseException:
+            connection.rollback()
+            connection.close()
+            raise
+        finally:
+            self._connection = None
+        if token is None:
+            connection.close()
+            return False
+        self._lock = (connection, token)
+        return True
+
+    def _flock(self, exclusive: bool) -> bool:
+        """SQLite: a lock file beside the database (an in-memory one is this process's)."""
+        import fcntl
+
+        path = self._lock_file()
+        if path is None:
+            self._lock = None
+            return True
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if exclusive:
+                os.close(fd)
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+        else:
+            try:
+                self.mark_abandoned()  # no one else holds it
+            except BaseException:
+                os.close(fd)
+                raise
+            if not exclusive:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+        self._lock = fd
+        return True
+
     def _lock_file(self) -> Path | None:
         database = self.engine.url.database
         return None if database in (None, "", ":memory:") else Path(database + ".imgsim-lock")
 
-    def _try_lock(self, exclusive: bool) -> bool:
-        if self.dialect_name == "sqlite":
-            import fcntl
-
-            path = self._lock_file()
-            if path is None:  # an in-memory database is private to this process
-                return True
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            self._lock = (fd, exclusive)
-            return True
-        connection = self.engine.connect()  # held for the step: the lock is its session's
-        take = func.pg_try_advisory_lock if exclusive else func.pg_try_advisory_lock_shared
-        got = connection.execute(select(take(*LOCK_KEYS))).scalar()
-        connection.commit()
-        if not got:
-            connection.close()
-            return False
-        self._lock = (connection, exclusive)
-        return True
-
-    def _downgrade(self) -> None:
-        if self._lock is None:
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is None:
             return
-        handle, _ = self._lock
         if self.dialect_name == "sqlite":
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_SH)
-        else:
-            handle.execute(select(func.pg_advisory_lock_shared(*LOCK_KEYS)))
-            handle.execute(select(func.pg_advisory_unlock(*LOCK_KEYS)))
-            handle.commit()
-        self._lock = (handle, False)
-
-    def _unlock(self) -> None:
-        if self._lock is None:
+            os.close(lock)  # closing the file releases its lock
             return
-        (handle, exclusive), self._lock = self._lock, None
-        if self.dialect_name == "sqlite":
-            os.close(handle)  # closing the file releases its lock
-            return
-        release = func.pg_advisory_unlock if exclusive else func.pg_advisory_unlock_shared
+        connection, token = lock
+        self._connection = connection
         try:
-            handle.execute(select(release(*LOCK_KEYS)))
-            handle.commit()
+            self._lease_release(token)
+            connection.commit()
         finally:
-            handle.close()
+            self._connection = None
+            connection.close()
 
     def close(self) -> None:
-        self._unlock()
+        self._release()
         self.engine.dispose()
 
 

@@ -134,6 +134,16 @@ ranking_metrics = Table(
     Column("median_rank", Float, nullable=False),
 )
 
+# Who holds imgsim in PostgreSQL: one lease per step holding it (see Store.lock); no one
+# but the owner may read, write or lock it.
+step_locks = Table(
+    "step_locks", metadata,
+    Column("token", Integer, primary_key=True, autoincrement=False),
+    Column("exclusive", Boolean, nullable=False),
+    Column("holder", Text, nullable=False),
+    Column("since", DateTime(timezone=True), nullable=False),
+)
+
 # What the DBA decides (see imgsim.settings): written by `imgsim deploy`, read by the steps.
 settings = Table(
     "settings", metadata,
