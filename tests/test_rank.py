@@ -35,3 +35,12 @@ def test_ties_break_by_candidate_order_and_k_is_capped():
     idx, dist = top_k_cosine([[1.0, 0.0]], c, 10)
     assert idx.tolist() == [[0, 1, 2]]
     assert np.allclose(dist, [[0, 0, 1]], atol=1e-6)
+
+
+def test_ties_go_to_the_lower_candidate_also_at_the_kth_place():
+    copies = np.tile([1.0, 0.0], (50, 1))  # fifty exact copies: all tied
+    index, _ = top_k_cosine([[1.0, 0.0]], copies, k=5)
+    assert index.tolist() == [[0, 1, 2, 3, 4]]
+    mixed = np.array([[1, 0]] * 10 + [[0, 1]] * 10 + [[1, 1]] * 3, dtype=float)
+    index, _ = top_k_cosine([[1.0, 0.0], [0.0, 1.0]], mixed, k=12)
+    assert index.tolist() == [list(range(10)) + [20, 21], list(range(10, 20)) + [20, 21]]

@@ -15,8 +15,9 @@ from psycopg import errors
 from sqlalchemy import func, select
 
 from conftest import BAD_FILES, SERVER_VENV, fresh_database, one
-from imgsim import (evaluate_model, featurize_images, open_store, prepare_data,
-                    rank_candidates, sync_image_folder, train_classifier, write_report)
+from imgsim import (ParameterError, evaluate_model, featurize_images, open_store, prepare_data,
+                    rank_candidates, run_image_similarity, sync_image_folder, train_classifier,
+                    write_report)
 from imgsim.cli import main
 from imgsim.lineage import StaleInputs
 from imgsim.rank import top_k_cosine
@@ -56,7 +57,7 @@ def test_a_classifier_from_an_earlier_split_is_refused_not_evaluated(pipeline_st
             step(pipeline_store)
     assert rows(pipeline_store, t.runs) == runs + 1  # only the prepare
     html = write_report(pipeline_store, tmp_path / "stale.html").read_text()
-    assert "trained on another split" in html and "Ranking accuracy" not in html
+    assert "was trained on the split of prepare run" in html and "Ranking accuracy" not in html
     evaluate_model(pipeline_store, space="features")  # raw features do not depend on it
     trained = train_classifier(pipeline_store, seed=7)
     metrics = evaluate_model(pipeline_store)
@@ -65,7 +66,7 @@ def test_a_classifier_from_an_earlier_split_is_refused_not_evaluated(pipeline_st
     assert trained["prepare_run"] == split[0] == counts["prepare_run"]
     assert counts["model"] == trained["model"] and metrics
     html = write_report(pipeline_store, tmp_path / "fresh.html").read_text()
-    assert f"prepare run {split[0]} (seed 7" in html and "Ranking accuracy (scores" in html
+    assert f"prepare run {split[0]} (seed 7" in html and "Ranking accuracy (classifier scores" in html
 
 
 def test_the_command_line_says_which_step_to_run_again(pipeline_db, tmp_path, capsys):
@@ -303,3 +304,146 @@ def test_ranking_answers_between_blocks_of_queries():
     queries = np.eye(5, dtype=np.float32)
     top_k_cosine(queries, queries, 2, block=2, between_blocks=lambda: calls.append(1))
     assert len(calls) == 3
+
+
+# -- found by a data scientist trying to get wrong numbers out of it --------------------
+DIE_AT_SUCCESS = """
+import os, sys
+import imgsim.runs
+from imgsim import open_store, prepare_data
+
+def die(self, **counts):  # the process is killed after the split is written
+    os._exit(9)
+
+imgsim.runs.Run.succeed = die
+prepare_data(open_store(sys.argv[1]), seed=7, max_query_imgs_per_subdir=3,
+             max_neg_imgs_per_query_img=10)
+"""
+
+
+def test_a_prepare_killed_before_it_succeeded_leaves_the_split_it_found(pipeline_db, tmp_path):
+    db = tmp_path / "killed.db"
+    shutil.copy(pipeline_db[0], db)
+    store = open_store(f"sqlite:///{db}")
+    before, metrics = store.split(), store.metric_rows(store.last_run("evaluate_model")[0])
+    done = subprocess.run([sys.executable, "-c", DIE_AT_SUCCESS, f"sqlite:///{db}"])
+    assert done.returncode == 9
+    assert store.split() == before  # the split and its success commit together
+    evaluate_model(store, ks=[1, 2, 4, 5, 8, 10, 15, 20, 28, 32])
+    assert store.metric_rows(store.last_run("evaluate_model")[0]) == metrics
+    store.replace_split(*before[::-1])  # a split the runs do not account for
+    with pytest.raises(StaleInputs, match="no longer hold the split of prepare run"):
+        evaluate_model(store)
+    store.close()
+
+
+def test_train_refuses_features_that_do_not_cover_the_split(pipeline_store):
+    key = pipeline_store.last_run("prepare_data")[1]["feature_key"]
+    test_id = pipeline_store.split()[1][0]
+    pipeline_store._write(t.features.delete().where(t.features.c.image_id == test_id,
+                                                    t.features.c.backbone == key))
+    with pytest.raises(StaleInputs, match="1 images of the split have no features"):
+        train_classifier(pipeline_store)
+
+
+def test_prepare_refuses_images_not_featurized_and_names_categories_that_failed(
+        small_folder, empty_store):
+    sync_image_folder(empty_store, small_folder, progress=False)
+    featurize_images(empty_store, progress=False)
+    (small_folder / "zebra" / "late.jpg").write_bytes(
+        (small_folder / "argyle" / "argyle_000.jpg").read_bytes()[::-1])  # new, not an image
+    (small_folder / "broken").mkdir()
+    for n in range(3):
+        (small_folder / "broken" / f"b{n}.jpg").write_bytes(b"not an image %d" % n)
+    sync_image_folder(empty_store, small_folder, progress=False)
+    with pytest.raises(StaleInputs, match="4 images have no features .* run featurize first"):
+        prepare_data(empty_store, **SMALL)
+    featurize_images(empty_store, progress=False)
+    left_out = prepare_data(empty_store, **SMALL)["left_out"]
+    assert left_out == [{"category": "broken", "images": 3,
+                         "reason": "none of its images could be decoded (see image_errors)"}]
+
+
+def test_the_report_shows_nothing_of_a_split_sync_has_since_changed(synced_run, tmp_path):
+    folder, store = synced_run
+    for file in (folder / "dotted").iterdir():
+        file.unlink()
+    (folder / "dotted").rmdir()
+    sync_image_folder(store, folder, progress=False)
+    html = write_report(store, tmp_path / "r.html").read_text()
+    assert "no longer hold the split of prepare run" in html
+    assert "Ranking accuracy" not in html and "Classifier</h2>" not in html
+
+
+def test_the_report_shows_the_classifiers_own_evaluation_not_another_backbones(synced_run,
+                                                                               tmp_path):
+    folder, store = synced_run
+    featurize_images(store, backbone="mobilenet_v2", progress=False)
+    evaluate_model(store, space="features", backbone="mobilenet_v2")
+    html = write_report(store, tmp_path / "r.html").read_text()
+    assert "Ranking accuracy (classifier scores" in html and "mobilenet_v2" not in html
+
+
+@pytest.fixture
+def synced_run(small_folder, empty_store):
+    run_image_similarity(empty_store, small_folder, top_k_candidates=3, progress=False, **SMALL)
+    return small_folder, empty_store
+
+
+def test_a_database_named_through_a_link_has_the_same_lock(pipeline_db, tmp_path):
+    db = tmp_path / "real.db"
+    shutil.copy(pipeline_db[0], db)
+    (tmp_path / "link.db").symlink_to(db)
+    holder, other = open_store(f"sqlite:///{db}"), open_store(f"sqlite:///{tmp_path / 'link.db'}")
+    with holder.lock():
+        with pytest.raises(Busy):
+            prepare_data(other, seed=3)
+    holder.close()
+    other.close()
+
+
+def test_numbers_of_any_integer_type_are_recorded_as_integers(pipeline_store):
+    prepare_data(pipeline_store, seed=np.int64(7), max_query_imgs_per_subdir=np.int32(3))
+    run = pipeline_store.last_run("prepare_data")
+    assert run[3] == 7 and type(run[3]) is int
+    assert train_classifier(pipeline_store, seed=np.int64(7))["test_accuracy"] > 0.5
+    with pytest.raises(ParameterError, match="seed must be <= 2147483647"):
+        prepare_data(pipeline_store, seed=2**31)
+
+
+def test_a_chart_that_cannot_be_written_is_refused_before_any_step(empty_store, small_folder):
+    with pytest.raises(ParameterError, match="chart_path"):
+        run_image_similarity(empty_store, small_folder, chart_path="/no/such/dir/c.png")
+    assert rows(empty_store, t.runs) == 0
+
+
+def test_an_interrupted_first_sync_still_guards_its_folder(small_folder, texture_folder,
+                                                           empty_store, monkeypatch):
+    import imgsim.sync
+
+    reads = []
+    real = imgsim.sync._read
+
+    def interrupted_read(path, root):
+        reads.append(path)
+        if len(reads) == 5:
+            raise KeyboardInterrupt
+        return real(path, root)
+
+    monkeypatch.setattr(imgsim.sync, "STRETCH_FILES", 2)
+    monkeypatch.setattr(imgsim.sync, "_read", interrupted_read)
+    with pytest.raises(KeyboardInterrupt):
+        sync_image_folder(empty_store, small_folder, progress=False)
+    monkeypatch.setattr(imgsim.sync, "_read", real)
+    with pytest.raises(ValueError, match="pass replace"):
+        sync_image_folder(empty_store, texture_folder, progress=False)
+
+
+def test_a_copy_of_an_image_that_failed_is_listed_as_not_used(pipeline_store, texture_folder,
+                                                              tmp_path):
+    bad = pipeline_store._fetch(select(t.images.c.id, t.images.c.path, t.images.c.sha256)
+                                .where(t.images.c.path == "striped/truncated.jpg"))[0]
+    pipeline_store.add_image("zebra/copy_of_truncated.jpg", "zebra", bad[2], b"same bytes")
+    featurize_images(pipeline_store, progress=False)
+    paths = [p for p, _, _, _ in pipeline_store.image_error_rows()]
+    assert "zebra/copy_of_truncated.jpg" in paths

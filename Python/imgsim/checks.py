@@ -34,6 +34,17 @@ def count(name: str, value, minimum: int = 0) -> int:
     return int(value)
 
 
+MAX_SEED = 2**31 - 1  # what every store (PostgreSQL int4) and scikit-learn can keep
+
+
+def seed(name: str, value) -> int:
+    """A whole number from 0 to 2**31 - 1, as a plain int."""
+    value = count(name, value, 0)
+    if value > MAX_SEED:
+        raise ParameterError(f"{name} must be <= {MAX_SEED}; got {value}")
+    return value
+
+
 def choice(name: str, value, allowed) -> str:
     """One of ``allowed``."""
     if value not in allowed:

@@ -81,6 +81,12 @@ def ranking_chart(metrics: list[tuple], title: str = "Ranking accuracy") -> byte
     return buffer.getvalue()
 
 
+def check_chart_path(chart_path) -> None:
+    """A chart path whose folder exists (checked before any step runs)."""
+    if chart_path is not None and not Path(chart_path).resolve().parent.is_dir():
+        raise checks.ParameterError(f"chart_path {chart_path}: its folder does not exist")
+
+
 @stepwise
 def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | None = None,
                    weights=None, chart_path=None) -> list[dict]:
@@ -114,6 +120,7 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
     """
     ks = checks.ks("ks", ks)
     checks.choice("space", space, SPACES)
+    check_chart_path(chart_path)
     if weights is not None:
         weights = store.readable_path(weights, "weights")
     params = {"ks": ks, "space": space}
@@ -131,8 +138,8 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
         row_of = {i: n for n, i in enumerate(ids.tolist())}
         missing = {int(i) for i in np.unique(pairs[:, :2]) if int(i) not in row_of}
         if missing:
-            raise ValueError(f"{len(missing)} evaluation images have no {space} vector: "
-                             "run train (or featurize) again")
+            raise lineage.StaleInputs(f"{len(missing)} evaluation images have no {space} "
+                                      "vector: run train (or featurize) again")
         a = matrix[[row_of[i] for i in pairs[:, 0].tolist()]]
         b = matrix[[row_of[i] for i in pairs[:, 1].tolist()]]
         results = []
@@ -142,12 +149,12 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
                 results.append({"distance": distance, "k": k, "accuracy": accuracy,
                                 "mean_rank": float(np.mean(ranks)),
                                 "median_rank": float(np.median(ranks))})
-        with store.transaction():
-            store.add_ranking_metrics(run.id, results)
-        run.counts.update(queries=int(len(ranks)), pairs=int(len(pairs)),
-                          **{f"{r['distance']}_top{r['k']}": r["accuracy"] for r in results})
-        if chart_path:
+        if chart_path:  # before anything is stored: a chart that cannot be written fails it
             Path(chart_path).write_bytes(ranking_chart(
                 [(r["distance"], r["k"], r["accuracy"]) for r in results],
                 f"Ranking accuracy ({space})"))
+        with store.transaction():
+            store.add_ranking_metrics(run.id, results)
+            run.succeed(queries=int(len(ranks)), pairs=int(len(pairs)),
+                        **{f"{r['distance']}_top{r['k']}": r["accuracy"] for r in results})
     return results

@@ -176,7 +176,7 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
     {'pending': 352, 'featurized': 350, 'reused': 0, 'failed': 2, 'batch_size': 16}
     """
     checks.choice("backbone", backbone, sorted(backbones.SPECS))
-    checks.count("batch_size", batch_size, 1)
+    batch_size = checks.count("batch_size", batch_size, 1)
     if batch_size > 1024:
         raise checks.ParameterError(f"batch_size must be <= 1024; got {batch_size}")
     if model is None and backbone == "resnet18" and weights is None:
@@ -204,6 +204,9 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
         yield
         graph = (backbone_graph(store, backbone, weights)[1] if model is None
                  else store.load_model(model)[0])
+        with store.transaction():  # a copy of content that failed before fails the same way
+            store.add_image_errors([{"run_id": run.id, **row}
+                                    for row in store.unrecorded_bad_copies(STEP)])
         pending = store.pending_images(key, STEP)
         counts = {"pending": len(pending), "featurized": 0, "reused": 0, "failed": 0,
                   "batch_size": batch_size}

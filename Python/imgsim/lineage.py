@@ -2,7 +2,9 @@
 
 Every step records its inputs in its run's counts:
 
-- ``prepare_data``: the feature key whose images it split (the split is its own run);
+- ``prepare_data``: the feature key whose images it split (the split is its own run), and
+  digests of the split and of the evaluation pairs it wrote (so that a split the tables no
+  longer hold, because sync removed images or the prepare was interrupted, is seen);
 - ``train_classifier``: ``prepare_run`` (the split it was trained on) and ``feature_key``;
 - ``score_images``: ``train_run``;
 - ``evaluate_model`` and ``rank_candidates``: ``prepare_run``, and ``train_run`` with the
@@ -18,16 +20,42 @@ silently wrong.
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
+
 
 class StaleInputs(ValueError):
     """A step's inputs are missing or out of date; the message says what to run."""
 
 
+def _digest(*arrays) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array, dtype="<i8").tobytes() + b"|")
+    return digest.hexdigest()[:16]
+
+
+def split_digest(train_ids, test_ids) -> str:
+    """A digest of a train/test split (the ids of each side, in any order)."""
+    return _digest(sorted(map(int, train_ids)), sorted(map(int, test_ids)))
+
+
+def pairs_digest(pairs) -> str:
+    """A digest of evaluation pairs ``(query, candidate, is_positive)``, in any order."""
+    return _digest(sorted(tuple(map(int, p)) for p in pairs))
+
+
 def current_split(store) -> tuple:
-    """``(run id, parameters, counts, seed)`` of the prepare run that made the split."""
+    """``(run id, parameters, counts, seed)`` of the prepare run that made the split the
+    tables hold."""
     split = store.last_run("prepare_data")
     if split is None:
         raise StaleInputs("there is no train/test split yet: run prepare first")
+    if split[2].get("split_digest") != split_digest(*store.split()):
+        raise StaleInputs(f"the split tables no longer hold the split of prepare run "
+                          f"{split[0]} (sync removed images of it, or a prepare was "
+                          "interrupted): run prepare again")
     return split
 
 
@@ -57,11 +85,9 @@ def check_scores(store, train) -> None:
 
 def check_evaluation_set(store, split) -> None:
     """The evaluation pairs must be those the split drew, none lost to a removed image."""
-    expected = split[2].get("pairs")
-    found = store.evaluation_pair_count()
-    if expected is not None and found != expected:
-        raise StaleInputs(f"{expected - found} evaluation pairs of prepare run {split[0]} "
-                          "lost an image that sync removed: run prepare again")
+    if split[2].get("pairs_digest") != pairs_digest(store.evaluation_pairs()):
+        raise StaleInputs(f"the evaluation pairs are no longer those of prepare run "
+                          f"{split[0]} (sync removed images of them): run prepare again")
 
 
 def uses_classifier(space: str, feature_key: str | None, train) -> bool:
@@ -91,30 +117,39 @@ def inputs(store, space: str, feature_key: str | None = None, need_split: bool =
 
 def current_results(store) -> dict:
     """The latest results of one consistent lineage, for reports: the current split, its
-    classifier (None when stale), and the latest evaluation and ranking computed from
-    them. ``note`` says what is missing or stale."""
-    split = store.last_run("prepare_data")
-    found = {"split": split, "train": None, "evaluation": None, "ranking": None, "note": None}
-    if split is None:
-        found["note"] = "no split yet: run prepare"
+    classifier, and the latest evaluation and ranking computed from them (a scores-space
+    one first, else one in the classifier's own feature space). A part that is missing or
+    stale is None, and ``note`` says why."""
+    found = {"split": None, "train": None, "evaluation": None, "ranking": None, "note": None}
+    try:
+        split = current_split(store)
+    except StaleInputs as stale:
+        found["note"] = str(stale)
         return found
-    train = store.last_run("train_classifier")
-    if train is not None and train[2].get("prepare_run") == split[0]:
-        found["train"] = train
-    elif train is not None:
-        found["note"] = (f"the classifier (train run {train[0]}) was trained on another split "
-                         f"than the current one (prepare run {split[0]}): run train")
+    found["split"] = split
+    try:
+        found["train"] = current_classifier(store)
+        check_scores(store, found["train"])
+        key = found["train"][2]["feature_key"]
+    except StaleInputs as stale:
+        found["train"], key = None, split[1].get("feature_key")
+        found["note"] = str(stale)
 
-    def matches(counts):
-        if counts.get("prepare_run") not in (None, split[0]):
+    def matches(params, counts, space):
+        if counts.get("prepare_run") not in (None, split[0]) or params.get("space") != space:
             return False
-        used = counts.get("train_run")
-        return used is None or (found["train"] is not None and used == found["train"][0])
+        if space == "scores":
+            return found["train"] is not None and counts.get("train_run") == found["train"][0]
+        return params.get("feature_key") == key and (
+            "train_run" not in counts or (found["train"] is not None
+                                          and counts["train_run"] == found["train"][0]))
 
     for step, name in (("evaluate_model", "evaluation"), ("rank_candidates", "ranking")):
-        for run in store.run_rows(step, limit=50):
-            run_id, _, status, _, _, _, _, counts, _ = run
-            if status == "succeeded" and counts and "prepare_run" in counts and matches(counts):
-                found[name] = (run_id, run[6], counts)
+        runs = [r for r in store.run_rows(step, limit=50)
+                if r[2] == "succeeded" and r[7] and "prepare_run" in r[7]]
+        for space in ("scores", "features"):
+            chosen = next((r for r in runs if matches(r[6], r[7], space)), None)
+            if chosen is not None:
+                found[name] = (chosen[0], chosen[6], chosen[7])
                 break
     return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from . import checks, lineage
 from .backbones import DEFAULT_BACKBONE, SPECS
-from .evaluate import DEFAULT_KS, evaluate_model
+from .evaluate import DEFAULT_KS, check_chart_path, evaluate_model
 from .featurize import featurize_images, features_in_use
 from .finetune import DEFAULT_EPOCHS, check_request
 from .prepare import DEFAULT_SEED, prepare_data
@@ -41,7 +41,8 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
     checks.ks("ks", ks)
     checks.choice("kind", kind, KINDS)
     checks.choice("space", space, SPACES)
-    checks.count("seed", seed, 0)
+    seed = checks.seed("seed", seed)
+    check_chart_path(chart_path)
     if fine_tune:
         check_request(epochs)
     if backbone == "resnet18" and weights is None:

@@ -31,11 +31,11 @@ replacement. Everything is reproducible from ``seed``, which is recorded.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
-from . import checks
+from . import checks, lineage
 from .backbones import DEFAULT_BACKBONE
 from .featurize import feature_key
 from .runs import recorded, stepwise
@@ -87,7 +87,7 @@ def split_train_test(ids, categories, ratio_train_test: float = 0.75,
     (2, 4, ['c'])
     """
     ratio = checks.ratio("ratio_train_test", ratio_train_test)
-    seed = checks.count("seed", seed, 0)
+    seed = checks.seed("seed", seed)
     keep_conflicts = _flag("keep_conflicts", keep_conflicts)
     ids, categories, contents = _columns("ids", ids, categories, contents)
     conflicting = set() if keep_conflicts else set(label_conflicts(categories, contents))
@@ -178,7 +178,7 @@ def evaluation_pairs(test_ids, categories, max_query_imgs_per_subdir: int = 20,
     """
     max_query = checks.count("max_query_imgs_per_subdir", max_query_imgs_per_subdir, 1)
     max_neg = checks.count("max_neg_imgs_per_query_img", max_neg_imgs_per_query_img, 0)
-    seed = checks.count("seed", seed, 0)
+    seed = checks.seed("seed", seed)
     ids, categories, contents = _columns("test_ids", test_ids, categories, contents)
     rng = np.random.default_rng([seed, 1])
     by_category = _group(ids, categories)
@@ -269,10 +269,12 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
     {'train': 264, 'test': 88, 'queries': 220, 'pairs': 22220, 'short': [], 'left_out': [],
      'copies': 0, 'conflicts': 0, 'conflict_images': 0}
     """
-    checks.ratio("ratio_train_test", ratio_train_test)
-    checks.count("max_query_imgs_per_subdir", max_query_imgs_per_subdir, 1)
-    checks.count("max_neg_imgs_per_query_img", max_neg_imgs_per_query_img, 0)
-    checks.count("seed", seed, 0)
+    ratio_train_test = checks.ratio("ratio_train_test", ratio_train_test)
+    max_query_imgs_per_subdir = checks.count("max_query_imgs_per_subdir",
+                                             max_query_imgs_per_subdir, 1)
+    max_neg_imgs_per_query_img = checks.count("max_neg_imgs_per_query_img",
+                                              max_neg_imgs_per_query_img, 0)
+    seed = checks.seed("seed", seed)
     keep_conflicts = _flag("keep_conflicts", keep_conflicts)
     if weights is not None:
         weights = store.readable_path(weights, "weights")
@@ -287,9 +289,19 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
         ids, categories, _ = store.feature_matrix(key)
         if len(ids) == 0:
             raise ValueError(f"no image has features for {key}: run featurize first")
+        waiting = store.pending_images(key, "featurize_images")
+        if waiting:
+            raise lineage.StaleInputs(
+                f"{len(waiting)} images have no features for {key} yet (new or changed since "
+                "the last featurize): run featurize first")
         # all rows, filtered here: a list of every id in one IN (...) can exceed SQLite's
         # limit on bound variables
-        sha256 = {row[0]: row[3] for row in store.image_info()}
+        info = store.image_info()
+        sha256 = {row[0]: row[3] for row in info}
+        unusable = Counter(row[2] for row in info) - Counter(categories)
+        undecodable = [{"category": c, "images": n, "reason": "none of its images could be "
+                        "decoded (see image_errors)"}
+                       for c, n in sorted(unusable.items()) if c not in set(categories)]
         contents = [sha256[i] for i in ids.tolist()]
         conflicts = label_conflicts(categories, contents)
         counts = {"copies": len(contents) - len(set(contents)), "conflicts": len(conflicts),
@@ -297,6 +309,7 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
         run.counts.update(counts)  # recorded even if the split is refused
         train, test, left_out = split_train_test(ids, categories, ratio_train_test, seed,
                                                  contents, keep_conflicts=keep_conflicts)
+        left_out = undecodable + left_out
         position = {i: p for p, i in enumerate(ids.tolist())}
         test_rows = [position[i] for i in test.tolist()]
         pairs, short = evaluation_pairs(test, [categories[p] for p in test_rows],
@@ -305,10 +318,11 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
         with store.transaction():
             store.replace_split(train, test)
             store.replace_evaluation(pairs)
-        run.counts.clear()
-        run.counts.update(train=len(train), test=len(test),
-                          queries=len(np.unique(pairs[:, 0])), pairs=len(pairs), short=short,
-                          left_out=left_out, **counts)
+            run.counts.clear()
+            run.succeed(train=len(train), test=len(test),
+                        queries=len(np.unique(pairs[:, 0])), pairs=len(pairs), short=short,
+                        left_out=left_out, split_digest=lineage.split_digest(train, test),
+                        pairs_digest=lineage.pairs_digest(pairs), **counts)
     return dict(run.counts)
 
 

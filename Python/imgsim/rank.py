@@ -70,9 +70,16 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
 
 
 def _best_of_rows(sims: np.ndarray, k: int):
-    """The ``k`` largest of each row, largest first, ties to the lower column."""
+    """The ``k`` largest of each row, largest first, ties to the lower column (also at the
+    k-th place, where the partial sort alone would pick any of the tied columns)."""
     part = np.argpartition(sims, -k, axis=1)[:, -k:]
     part_sims = np.take_along_axis(sims, part, axis=1)
+    kth = part_sims.min(axis=1, keepdims=True)
+    tied = np.flatnonzero((sims == kth).sum(axis=1) > (part_sims == kth).sum(axis=1))
+    for row in tied:  # more columns share the k-th value than were taken: take the lowest
+        columns = np.flatnonzero(sims[row] >= kth[row, 0])
+        order = np.lexsort((columns, -sims[row, columns]))[:k]
+        part[row], part_sims[row] = columns[order], sims[row, columns[order]]
     order = np.lexsort((part, -part_sims), axis=1)
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_sims, order, axis=1)
 
@@ -135,9 +142,15 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
         if len(ids) == 0:
             raise lineage.StaleInputs(f"no image has {space}: run train (or featurize) first")
         row_of = {i: n for n, i in enumerate(ids.tolist())}
+        without = [i for i in query_ids if i not in row_of]
+        if without and from_split:
+            raise lineage.StaleInputs(f"{len(without)} test images have no {space} vector: "
+                                      f"run {'train' if space == 'scores' else 'featurize'} "
+                                      "again")
         query_ids = [i for i in query_ids if i in row_of]
         if not query_ids:
             raise ValueError("no query image has a vector: fill query_images or run prepare")
+        run.counts.update(queries_without_vectors=len(without))
         queries = matrix[[row_of[i] for i in query_ids]]
         search = "hnsw" if space == "features" and store.has_vectors() else "exact"
         if search == "hnsw":

@@ -59,7 +59,7 @@ def write_report(store, path="imgsim_report.html", sample_queries: int = 8) -> P
     evaluation = results["evaluation"]
     if evaluation:
         metrics = store.metric_rows(evaluation[0])
-        parts.append(f"<h2>Ranking accuracy ({escape(evaluation[1]['space'])} space, "
+        parts.append(f"<h2>Ranking accuracy ({_space(evaluation[1])}, "
                      f"{evaluation[2]['queries']} queries, evaluate run {evaluation[0]})</h2>")
         parts.append(_img(ranking_chart(metrics), "image/png"))
         parts.append(_metrics_html(metrics))
@@ -71,10 +71,17 @@ def write_report(store, path="imgsim_report.html", sample_queries: int = 8) -> P
             for p, s, r, _ in errors) + "</table>")
     ranking = results["ranking"]
     if ranking:
-        parts.append(_ranking_html(store, ranking[0], sample_queries))
+        parts.append(_ranking_html(store, ranking, sample_queries))
     path = Path(path)
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _space(params) -> str:
+    """Which vectors a ranking compared: the classifier's scores, or which features."""
+    if params.get("space") == "features":
+        return f"features <code>{escape(str(params.get('feature_key')))}</code>"
+    return "classifier scores"
 
 
 def _lineage_html(results) -> str:
@@ -137,7 +144,8 @@ def _metrics_html(metrics) -> str:
             f"{body}</table>")
 
 
-def _ranking_html(store, run_id: int, sample: int) -> str:
+def _ranking_html(store, ranking, sample: int) -> str:
+    run_id, params, _ = ranking
     rows = store.ranking_rows(run_id)
     queries = sorted({r[0] for r in rows})
     if not queries:
@@ -154,7 +162,8 @@ def _ranking_html(store, run_id: int, sample: int) -> str:
             thumbs[i] = _img(thumbnail(data[i]))
         except ImageError:
             thumbs[i] = "(unreadable)"
-    html = [f"<h2>Top candidates for {len(chosen)} of {len(queries)} queries</h2><table>"]
+    html = [f"<h2>Top candidates for {len(chosen)} of {len(queries)} queries (rank run "
+            f"{run_id}, {_space(params)})</h2><table>"]
     for q in chosen:
         cells = [f"<td class='q'><figure>{thumbs[q]}<figcaption>{escape(info[q][1])}"
                  f"</figcaption></figure></td>"]

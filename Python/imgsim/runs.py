@@ -23,6 +23,15 @@ class Run:
     def __init__(self, store, run_id: int):
         self.store, self.id, self.counts = store, run_id, {}
         self._last_flush = 0.0
+        self.succeeded = False
+
+    def succeed(self, **counts) -> None:
+        """Record success now, inside the transaction that writes the step's results, so
+        that the results and their run's status are kept together or not at all."""
+        self.counts.update(counts)
+        self.store.update_run(self.id, status="succeeded", finished=now(),
+                              counts=dict(self.counts))
+        self.succeeded = True
 
     def progress(self, **counts) -> None:
         """Update counts; written to ``runs`` at most every two seconds."""
@@ -51,7 +60,8 @@ def recorded(store, step: str, parameters: dict, seed: int | None = None):
         store.update_run(run.id, status=status, finished=now(), counts=dict(run.counts),
                          error=error)
         raise
-    store.update_run(run.id, status="succeeded", finished=now(), counts=dict(run.counts))
+    if not run.succeeded:
+        store.update_run(run.id, status="succeeded", finished=now(), counts=dict(run.counts))
 
 
 def finish(stretches):

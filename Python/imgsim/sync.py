@@ -144,16 +144,22 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
     if not files:
         raise ValueError(f"{folder} holds no images in category sub-folders "
                          f"(expected {folder}/<category>/<image>)")
-    with store.lock(), recorded(store, STEP, {"folder": root, "replace": replace}) as run:
-        yield
-        mirrored = store.last_run(STEP)
+    with store.lock():
+        earlier = store.run_rows(STEP, limit=1)  # the last sync, even an interrupted one
+        mirrored = earlier[0][6]["folder"] if earlier else None
         known = store.image_index()
-        if (known and mirrored is not None and mirrored[1]["folder"] != root
-                and not replace):
+        if known and mirrored not in (None, root) and not replace:
             raise ValueError(
-                f"the images table mirrors {mirrored[1]['folder']} ({len(known)} images); "
+                f"the images table mirrors {mirrored} ({len(known)} images); "
                 f"syncing {root} would remove them and everything derived from them: "
                 "pass replace (--replace) to mirror the new folder instead")
+        return (yield from _mirror(store, root, replace, files, refused, known, progress))
+
+
+def _mirror(store, root, replace, files, refused, known, progress):
+    """The recorded part of a sync (see :func:`sync_image_folder`)."""
+    with recorded(store, STEP, {"folder": root, "replace": replace}) as run:
+        yield
         counts = dict.fromkeys(("added", "changed", "unchanged", "removed", "unreadable",
                                 "refused"), 0)
         counts["refused"] = len(refused)
@@ -186,10 +192,10 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
         bar.close()
         present = {rel for rel, _, _ in files}
         gone = [image_id for rel, (image_id, _, _) in known.items() if rel not in present]
+        counts["removed"] = len(gone)
         with store.transaction():
             store.delete_images(gone)
             store.delete_image_errors(STEP)
             store.add_image_errors(errors)
-        counts["removed"] = len(gone)
-        run.counts.update(counts)
+            run.succeed(**counts)
     return counts

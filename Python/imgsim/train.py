@@ -128,7 +128,7 @@ def train_classifier(store, backbone: str | None = None, weights=None,
     0.98
     """
     checks.choice("kind", kind, KINDS)
-    checks.count("seed", seed, 0)
+    seed = checks.seed("seed", seed)
     if fine_tune:
         finetune.check_request(epochs)
     split = lineage.current_split(store)
@@ -159,8 +159,13 @@ def train_classifier(store, backbone: str | None = None, weights=None,
             yield from featurize_images.stretches(store, model=key, progress=progress)
         ids, categories, matrix = store.feature_matrix(key)
         row_of = {i: n for n, i in enumerate(ids.tolist())}
-        train_rows = [row_of[i] for i in train_ids if i in row_of]
-        test_rows = [row_of[i] for i in test_ids if i in row_of]
+        missing = [i for i in train_ids + test_ids if i not in row_of]
+        if missing:
+            raise lineage.StaleInputs(
+                f"{len(missing)} images of the split have no features for {key}: featurize "
+                f"them with that backbone first (imgsim featurize --backbone {backbone})")
+        train_rows = [row_of[i] for i in train_ids]
+        test_rows = [row_of[i] for i in test_ids]
         labels = np.array(categories, dtype=object)
         classes = sorted(set(labels[train_rows]))
         if len(classes) < 2:
@@ -179,9 +184,10 @@ def train_classifier(store, backbone: str | None = None, weights=None,
         with store.transaction():
             store.save_model(name, "classifier", graph, metadata)
             scored = _score_all(store, name, graph, metadata)
-        run.counts.update(model=name, feature_key=key, prepare_run=split[0],
-                          train_accuracy=train_acc, test_accuracy=test_acc,
-                          classes=len(classes), scored=scored)
+            run.succeed(model=name, feature_key=key, prepare_run=split[0],
+                        split_digest=split[2]["split_digest"], train_accuracy=train_acc,
+                        test_accuracy=test_acc, classes=len(classes), scored=scored,
+                        train_images=len(train_rows), test_images=len(test_rows))
     return {"model": name, "feature_key": key, "prepare_run": split[0],
             "train_accuracy": train_acc, "test_accuracy": test_acc, "classes": classes,
             "scored": scored}
@@ -218,6 +224,6 @@ def score_images(store) -> dict:
         name = train[2]["model"]
         graph, metadata = store.load_model(name)
         with store.transaction():
-            run.counts.update(model=name, train_run=train[0],
-                              scored=_score_all(store, name, graph, metadata))
+            run.succeed(model=name, train_run=train[0],
+                        scored=_score_all(store, name, graph, metadata))
     return dict(run.counts)

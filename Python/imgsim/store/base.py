@@ -314,6 +314,16 @@ class Store:
     def delete_image_errors(self, step: str) -> None:
         self._write(delete(t.image_errors).where(t.image_errors.c.step == step))
 
+    def unrecorded_bad_copies(self, step: str) -> list[dict]:
+        """Error rows for images whose content failed in ``step`` under another path (they
+        are not tried again, but must be listed as not used)."""
+        e = t.image_errors.c
+        failed = dict(self._fetch(select(e.sha256, e.reason).where(e.step == step,
+                                                                    e.sha256.is_not(None))))
+        recorded = {r[0] for r in self._fetch(select(e.image_id).where(e.step == step))}
+        return [{"image_id": i, "path": p, "sha256": s, "step": step, "reason": failed[s]}
+                for i, p, _, s in self.image_info() if s in failed and i not in recorded]
+
     def image_error_rows(self) -> list[tuple]:
         c = t.image_errors.c
         return self._fetch(select(c.path, c.step, c.reason, c.at).order_by(c.id))
@@ -438,9 +448,6 @@ class Store:
             self._write(insert(t.evaluation_images), [
                 {"query_id": int(q), "candidate_id": int(c), "is_positive": bool(p)}
                 for q, c, p in pairs])
-
-    def evaluation_pair_count(self) -> int:
-        return self._fetch(select(func.count()).select_from(t.evaluation_images))[0][0]
 
     def evaluation_pairs(self) -> list[tuple[int, int, bool]]:
         c = t.evaluation_images.c

@@ -183,8 +183,9 @@ class SQLAlchemyStore(Store):
         return True
 
     def _lock_file(self) -> Path | None:
-        database = self.engine.url.database
-        return None if database in (None, "", ":memory:") else Path(database + ".imgsim-lock")
+        database = self.engine.url.database  # by its real path: one lock however it is named
+        return (None if database in (None, "", ":memory:")
+                else Path(os.path.realpath(database) + ".imgsim-lock"))
 
     def _release(self) -> None:
         lock, self._lock = self._lock, None
