@@ -66,7 +66,8 @@ def test_a_classifier_from_an_earlier_split_is_refused_not_evaluated(pipeline_st
     assert trained["prepare_run"] == split[0] == counts["prepare_run"]
     assert counts["model"] == trained["model"] and metrics
     html = write_report(pipeline_store, tmp_path / "fresh.html").read_text()
-    assert f"prepare run {split[0]} (seed 7" in html and "Ranking accuracy (classifier scores" in html
+    assert f"prepare run {split[0]} (seed 7" in html
+    assert "Ranking accuracy (classifier scores" in html
 
 
 def test_the_command_line_says_which_step_to_run_again(pipeline_db, tmp_path, capsys):
