@@ -87,3 +87,20 @@ def test_the_exported_trunk_feeds_the_top_stages_that_fine_tuning_trains(name):
     module.top(torch.from_numpy(trunk)).sum().backward()
     used = {id(p) for p in module.parameters() if p.grad is not None}
     assert used == top
+
+
+def test_a_weights_file_over_the_limit_or_not_regular_is_refused(tmp_path):
+    import os
+
+    from imgsim.backbones import MAX_WEIGHTS_BYTES, file_sha256, weights_path
+
+    big = tmp_path / "big.pth"
+    with open(big, "wb") as fh:  # sparse: nothing is written
+        fh.truncate(MAX_WEIGHTS_BYTES + 1)
+    with pytest.raises(ValueError, match="larger than the limit"):
+        weights_path("resnet18", big)
+    os.mkfifo(tmp_path / "pipe.pth")
+    with pytest.raises(FileNotFoundError):
+        weights_path("resnet18", tmp_path / "pipe.pth")
+    with pytest.raises(ValueError, match="not a regular file"):
+        file_sha256(tmp_path / "pipe.pth")  # opened without waiting for a writer

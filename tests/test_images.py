@@ -159,3 +159,34 @@ def test_a_40_megapixel_image_stays_under_a_stated_memory_bound(tmp_path, mode, 
     done = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True,
                           text=True, check=True)
     assert int(done.stdout) < bound_mb
+
+
+def test_formats_outside_the_list_are_not_images_even_named_jpg():
+    data = encode(Image.new("RGB", (64, 64), (10, 20, 30)), "ICO")  # Pillow decodes these
+    with pytest.raises(ImageError, match="not an image"):       # while merely opening them
+        load_rgb(data)
+
+
+def _repeat_last_scan(data: bytes, times: int) -> bytes:
+    start = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    return data[:end] + data[start:end] * times + data[end:]
+
+
+def test_a_jpeg_repeating_its_scans_is_refused_before_decoding():
+    progressive = encode(Image.effect_noise((64, 64), 40).convert("RGB"), "JPEG",
+                         progressive=True)
+    assert load_rgb(progressive).size == (64, 64)  # a real progressive JPEG is fine
+    with pytest.raises(ImageError, match="scans is over the limit of 64"):
+        load_rgb(_repeat_last_scan(progressive, 100))
+
+
+def test_a_part_reaching_outside_the_image_is_refused():
+    from imgsim.images import _check_layout
+
+    class Declared:  # what Pillow reports for a TIFF declaring 64 x 64 with a huge tile
+        size, format = (64, 64), "TIFF"
+        tile = [("packbits", (0, 0, 16384, 16384), 8, ("RGB",))]
+
+    with pytest.raises(ImageError, match="reaches outside the 64x64 image"):
+        _check_layout(Declared(), b"")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -238,7 +239,10 @@ def test_memory_is_bounded_by_the_setting(target):
 
 def _encoded(image, fmt):
     out = io.BytesIO()
-    image.save(out, fmt, **({"quality": 85} if fmt == "JPEG" else {"compress_level": 1}))
+    if fmt == "JPEG progressive":
+        image.save(out, "JPEG", quality=85, progressive=True)
+    else:
+        image.save(out, fmt, **({"quality": 85} if fmt == "JPEG" else {"compress_level": 1}))
     return out.getvalue()
 
 
@@ -423,9 +427,9 @@ def test_a_client_sends_no_telemetry(tmp_path, small_folder):
     assert not (home / ".cache" / "Microsoft").exists()
 
 
-def test_procedures_refuse_a_transaction_block_and_an_open_one_holds_nothing_long(target):
+def test_procedures_refuse_a_transaction_block_and_an_open_one_holds_nothing(target):
     """A CALL inside a transaction block would keep its writes (and imgsim) until the
-    block ends; an evaluation in an open transaction makes writers fail fast, naming it."""
+    block ends; an evaluation left in an open transaction holds nothing others need."""
     with psycopg.connect(target["analyst"]) as conn:
         for call in ("CALL imgsim.refresh()", "CALL imgsim.set_query_images(ARRAY[1])"):
             with pytest.raises(errors.ActiveSqlTransaction, match="transaction block"):
@@ -433,14 +437,46 @@ def test_procedures_refuse_a_transaction_block_and_an_open_one_holds_nothing_lon
             conn.rollback()
         conn.execute("SELECT * FROM imgsim.evaluate_model(ks => ARRAY[1])")  # left open
         with psycopg.connect(target["dsn"], autocommit=True) as other:
-            started = time.monotonic()
-            with pytest.raises(errors.LockNotAvailable, match="open transaction of backend"):
-                other.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
-            assert time.monotonic() - started < 10
-            other.execute("SELECT * FROM imgsim.evaluate_model(ks => ARRAY[1])")  # readers share
+            other.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+            other.execute("SELECT * FROM imgsim.evaluate_model(ks => ARRAY[1])")
         conn.rollback()
-    with psycopg.connect(target["dsn"], autocommit=True) as other:
-        other.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+
+
+def test_taking_over_a_lease_after_killing_its_holder_holds_nothing(target):
+    """An analyst may read the lease's advisory key in pg_locks, queue for it, and end
+    the backend holding it (their own): the lease still dies with its backend."""
+    with psycopg.connect(target["dsn"], autocommit=True) as dba:
+        dba.execute("DELETE FROM imgsim.features")
+    holder = psycopg.connect(target["analyst"], autocommit=True)
+    pid = holder.info.backend_pid
+    done = threading.Event()
+
+    def featurize():
+        try:
+            holder.execute("CALL imgsim.featurize_images(batch_size => 1)")
+        except psycopg.Error:
+            pass
+        done.set()
+
+    threading.Thread(target=featurize).start()
+    with psycopg.connect(target["analyst"], autocommit=True) as spy:
+        token = None
+        while token is None and not done.is_set():
+            row = spy.execute("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND "
+                              "classid = 1768777587 AND objsubid = 2 AND pid = %s",
+                              (pid,)).fetchone()
+            token = row and row[0]
+        assert token is not None
+        squatter = psycopg.connect(target["analyst"], autocommit=True)
+        queued = threading.Thread(target=squatter.execute,
+                                  args=("SELECT pg_advisory_lock(1768777587, %s)", (token,)))
+        queued.start()
+        spy.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        queued.join()  # the squatter now holds the dead holder's key
+        done.wait()
+        with psycopg.connect(target["dsn"], autocommit=True) as dba:
+            dba.execute("CALL imgsim.featurize_images()")  # not busy: the lease died
+        squatter.close()
 
 
 def test_no_one_can_hold_imgsim_with_an_advisory_lock(target):
@@ -469,13 +505,33 @@ def test_a_pipe_in_an_allowed_folder_is_never_opened(target):
         pipe.unlink()
 
 
-def test_array_parameters_are_bounded(target):
+def test_large_parameters_are_refused_before_a_routine_reads_them(target):
     with psycopg.connect(target["analyst"], autocommit=True) as conn:
-        with pytest.raises(errors.InvalidParameterValue, match="at most 50 values"):
+        pid = conn.info.backend_pid
+        with pytest.raises(errors.CheckViolation, match="at_most_50_values"):
             conn.execute("SELECT count(*) FROM imgsim.evaluate_model("
-                         "ks => array(SELECT generate_series(1, 60000)))")
-        with pytest.raises(errors.InvalidParameterValue, match="at most 100000"):
+                         "ks => array(SELECT generate_series(1, 8000000)))")
+        with pytest.raises(errors.CheckViolation, match="at_most_100000_ids"):
             conn.execute("CALL imgsim.set_query_images(%s)", (list(range(1, 100002)),))
+        with pytest.raises(errors.CheckViolation, match="at_most_4096_characters"):
+            conn.execute("CALL imgsim.sync_image_folder(%s)", ("/" + "x" * 5000,))
+        with pytest.raises(errors.CheckViolation, match="at_most_100_mb"):
+            conn.execute("SELECT * FROM imgsim.similar_images(%s, 1)", (b"\0" * (101 << 20),))
+        peak_kb = int(next(line.split()[1] for line in open(f"/proc/{pid}/status")
+                           if line.startswith("VmHWM")))
+    assert peak_kb < 600 << 10  # 8 million ks as Python objects would take over 800 MB
+
+
+def test_a_jpeg_repeating_its_scans_is_refused_at_once(target):
+    from test_images import _repeat_last_scan
+
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 40, 3), np.uint8))
+    bomb = _repeat_last_scan(_encoded(image.resize((3000, 3000)), "JPEG progressive"), 100)
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        started = time.monotonic()
+        with pytest.raises(errors.InvalidParameterValue, match="scans is over the limit"):
+            conn.execute("SELECT * FROM imgsim.similar_images(%s, 3)", (bomb,))
+        assert time.monotonic() - started < 5
 
 
 def test_the_refresh_reads_no_file_a_caller_named(target, tmp_path):

@@ -119,19 +119,45 @@ def test_a_step_while_another_holds_the_database_fails_at_once_and_writes_nothin
     holder = open_store(f"sqlite:///{db}")
     before = rows(holder, t.runs)
     with holder.lock():
-        for args in (["prepare", "--seed", "3"], ["evaluate"], ["featurize"]):
+        for args in (["prepare", "--seed", "3"], ["train"], ["featurize"]):
             done = cli("--db", f"sqlite:///{db}", "--quiet", *args)
             out, err = done.communicate(timeout=120)
             assert done.returncode == 2 and err.startswith("imgsim: error: imgsim is busy")
             assert "Traceback" not in err
-    assert rows(holder, t.runs) == before
-    with holder.lock(exclusive=False):  # readers share
+        assert rows(holder, t.runs) == before
         reader = open_store(f"sqlite:///{db}")
-        evaluate_model(reader, ks=[1])
+        evaluate_model(reader, ks=[1])  # evaluate and rank need no lock: they only add rows
         with pytest.raises(Busy):
             prepare_data(reader, seed=4)
         reader.close()
     holder.close()
+
+
+def test_an_evaluation_whose_inputs_change_while_it_reads_them_keeps_nothing(
+        pipeline_store, monkeypatch):
+    import imgsim.evaluate
+
+    real = imgsim.evaluate.space_vectors
+
+    def prepare_meanwhile(store, space, key):  # another process's prepare commits
+        prepare_data(store, seed=11, **SMALL)
+        return real(store, space, key)
+
+    monkeypatch.setattr(imgsim.evaluate, "space_vectors", prepare_meanwhile)
+    metrics = rows(pipeline_store, t.ranking_metrics)
+    with pytest.raises(StaleInputs, match="changed while the evaluation read them"):
+        evaluate_model(pipeline_store)
+    assert rows(pipeline_store, t.ranking_metrics) == metrics
+    assert pipeline_store.run_rows("evaluate_model", limit=1)[0][2] == "failed"
+
+
+def test_ranking_in_many_small_blocks_gives_the_same_rows(pipeline_store, monkeypatch):
+    from imgsim import settings
+
+    whole = pipeline_store.ranking_rows(rank_candidates(pipeline_store, 5)["run_id"])
+    monkeypatch.setattr(settings.Budget, "ranking_block", lambda self, n: 3)
+    blocks = pipeline_store.ranking_rows(rank_candidates(pipeline_store, 5)["run_id"])
+    assert blocks == whole
 
 
 def test_two_runs_at_once_never_mix(pipeline_db, tmp_path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ SPECS = {
         "a torchvision-format state_dict file given as weights="),
 }
 DEFAULT_BACKBONE = "efficientnet_lite0"
+MAX_WEIGHTS_BYTES = 512 << 20  # resnet18's torchvision file is 45 MB
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -82,6 +84,9 @@ def weights_path(name: str, weights: str | os.PathLike | None = None) -> Path:
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist")
+        if path.stat().st_size > MAX_WEIGHTS_BYTES:
+            raise ValueError(f"weights file {path} is larger than the limit of "
+                             f"{MAX_WEIGHTS_BYTES >> 20} MB")
         return path
     if name == "efficientnet_lite0":
         try:
@@ -103,9 +108,13 @@ def weights_path(name: str, weights: str | os.PathLike | None = None) -> Path:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
+    """Hex SHA-256 of a regular file, read in chunks (opened without blocking, so a pipe
+    put in its place is refused rather than waited on)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -126,10 +126,11 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
     params = {"ks": ks, "space": space}
     if space == "features":
         params["feature_key"] = features_in_use(store, backbone, weights)
-    lineage.inputs(store, space, params.get("feature_key"))
-    with store.lock(exclusive=False), recorded(store, "evaluate_model", params) as run:
+    key = params.get("feature_key")
+    lineage.inputs(store, space, key)
+    with recorded(store, "evaluate_model", params) as run:  # no lock: see the check below
         yield
-        run.counts.update(lineage.inputs(store, space, params.get("feature_key")))
+        used = lineage.inputs(store, space, key)
         lineage.check_evaluation_set(store, lineage.current_split(store))
         pairs = np.array(store.evaluation_pairs(), dtype=np.int64).reshape(-1, 3)
         if len(pairs) == 0:
@@ -155,6 +156,7 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
                 f"Ranking accuracy ({space})"))
         with store.transaction():
             store.add_ranking_metrics(run.id, results)
-            run.succeed(queries=int(len(ranks)), pairs=int(len(pairs)),
+            lineage.unchanged(store, used, space, key, True, "evaluation")
+            run.succeed(**used, queries=int(len(ranks)), pairs=int(len(pairs)),
                         **{f"{r['distance']}_top{r['k']}": r["accuracy"] for r in results})
     return results

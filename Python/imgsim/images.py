@@ -2,8 +2,10 @@
 
 Preprocessing, the same for every backbone, step and compute context:
 
-1. decode with Pillow; refuse images over ``MAX_PIXELS`` before decoding pixels, and
-   images whose decoded pixels would not fit the memory allowed (``max_decode_bytes``);
+1. decode with Pillow, formats ``FORMATS`` only; refuse images over ``MAX_PIXELS``
+   before decoding pixels, files whose parts would decode more than they declare (a
+   tile outside the image, a JPEG of more than ``MAX_JPEG_SCANS`` scans), and images
+   whose decoded pixels would not fit the memory allowed (``max_decode_bytes``);
    decode only as many pixels as the result needs: a JPEG is decoded reduced by its
    DCT scaling (1/2, 1/4 or 1/8, the smallest whose shorter side stays at least 288 px),
    an image more than twice as long as wide keeps only its central square (with a margin
@@ -35,6 +37,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000
 SIZE = 288
+# The formats decoded (by content, whatever the file's name): a file of any other format,
+# such as an icon that Pillow would decode while merely opening it, is not an image here.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (phones)
+# A progressive JPEG is decoded scan by scan over the whole image, in C, where a cancel
+# waits: a file repeating scans could keep a process busy for hours. Encoders write 1 to
+# about 20.
+MAX_JPEG_SCANS = 64
 REDUCING_GAP = 3.0
 # Modes Image.reduce cannot average (palette indices, bilevel, 16-bit): converted first.
 CONVERT_FIRST = {"1", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -60,10 +69,11 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(f"{width}x{height} pixels is over the limit of {max_pixels}")
+            _check_layout(image, data)
             if image.format == "JPEG" and min(width, height) > size:
                 scale = min(width, height) / size
                 image.draft("RGB", (int(width / scale), int(height / scale)))
@@ -93,6 +103,21 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
     except Exception:  # a broken EXIF block must not lose an otherwise good image
         pass
     return to_rgb(image)
+
+
+def _check_layout(image: Image.Image, data: bytes) -> None:
+    """Refuse, before decoding, a file whose parts would decode more than it declares: a
+    tile reaching outside the image, or a JPEG of more than ``MAX_JPEG_SCANS`` scans."""
+    width, height = image.size
+    for tile in image.tile or ():
+        x0, y0, x1, y1 = tile[1]
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise ImageError(f"malformed: a part of {x1 - x0}x{y1 - y0} pixels reaches outside "
+                             f"the {width}x{height} image")
+    if image.format in ("JPEG", "MPO"):
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise ImageError(f"a JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS}")
 
 
 def central_band(image: Image.Image, size: int = SIZE) -> Image.Image:

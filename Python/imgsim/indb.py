@@ -94,7 +94,7 @@ def _plan(plpy, name: str):
             "caller": lambda: plpy.prepare("SELECT current_user::pg_catalog.text AS caller, "
                                            "session_user::pg_catalog.text AS login"),
             "step": lambda: plpy.prepare(
-                "SELECT imgsim._step($1, $2) AS state", ["pg_catalog.text", "pg_catalog.text"]),
+                "SELECT imgsim._step($1, $2) AS state", ["imgsim.short_text", "imgsim.short_text"]),
         }[name]()
     return _PLANS[name]
 

@@ -12,7 +12,9 @@ Every step records its inputs in its run's counts:
   tuned).
 
 The current split is the last prepare that succeeded; the current classifier is the
-last train that succeeded. A step whose inputs are no longer current refuses with
+last train that succeeded. Evaluate and rank hold no lock: they read their inputs, and
+before keeping their results check that the inputs did not change meanwhile
+(:func:`unchanged`). A step whose inputs are no longer current refuses with
 :class:`StaleInputs`, which says which step to run again: evaluating a classifier on a
 split that now puts its training images in the test set would report figures that are
 silently wrong.
@@ -113,6 +115,20 @@ def inputs(store, space: str, feature_key: str | None = None, need_split: bool =
     if feature_key is not None:
         record["feature_key"] = feature_key
     return record
+
+
+def unchanged(store, used: dict, space: str, feature_key, need_split: bool, what: str):
+    """Before evaluate or rank keep their results: their inputs are still those they read
+    (they take no lock, so a prepare or train may have run meanwhile)."""
+    try:
+        now = inputs(store, space, feature_key, need_split)
+        if need_split and what == "evaluation":
+            check_evaluation_set(store, current_split(store))
+    except StaleInputs:
+        now = None
+    if now != used:
+        raise StaleInputs(f"the split or the classifier changed while the {what} read them: "
+                          "run it again")
 
 
 def current_results(store) -> dict:

@@ -131,14 +131,15 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
               "query_table": query_table}
     if space == "features":
         params["feature_key"] = features_in_use(store, backbone, weights)
-    lineage.inputs(store, space, params.get("feature_key"), need_split=False)
-    with store.lock(exclusive=False), recorded(store, "rank_candidates", params) as run:
+    key = params.get("feature_key")
+    lineage.inputs(store, space, key, need_split=False)
+    with recorded(store, "rank_candidates", params) as run:  # no lock: see the check below
         yield
         query_ids = store.query_ids(query_table)
         from_split = query_table == "query_images" and not store.query_ids(query_table,
                                                                           fallback=False)
-        run.counts.update(lineage.inputs(store, space, params.get("feature_key"), from_split))
-        ids, matrix = space_vectors(store, space, params.get("feature_key"))
+        used = lineage.inputs(store, space, key, from_split)
+        ids, matrix = space_vectors(store, space, key)
         if len(ids) == 0:
             raise lineage.StaleInputs(f"no image has {space}: run train (or featurize) first")
         row_of = {i: n for n, i in enumerate(ids.tolist())}
@@ -150,24 +151,28 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
         query_ids = [i for i in query_ids if i in row_of]
         if not query_ids:
             raise ValueError("no query image has a vector: fill query_images or run prepare")
-        run.counts.update(queries_without_vectors=len(without))
-        queries = matrix[[row_of[i] for i in query_ids]]
         search = "hnsw" if space == "features" and store.has_vectors() else "exact"
-        if search == "hnsw":
-            rows = _index_top_k(store, params["feature_key"], query_ids, queries, top_k,
-                                include_self)
-        else:
-            indices, distances = top_k_cosine(
-                queries, matrix, top_k, None if include_self else np.array(query_ids),
-                None if include_self else ids,
-                block=settings.budget(store).ranking_block(len(ids)),
-                between_blocks=store.check_interrupts)
-            rows = [(q, r + 1, int(ids[c]), float(d)) for q, idx, dist in
-                    zip(query_ids, indices, distances) for r, (c, d) in enumerate(zip(idx, dist))]
-        with store.transaction():
-            store.add_ranking_results(run.id, rows)
-        run.counts.update(queries=len(query_ids), candidates=len(ids), rows=len(rows),
-                          search=search)
+        block = settings.budget(store).ranking_block(len(ids))
+        written = 0
+        with store.transaction():  # results stream out a block of queries at a time
+            for start in range(0, len(query_ids), block):
+                store.check_interrupts()
+                chunk = query_ids[start:start + block]
+                queries = matrix[[row_of[i] for i in chunk]]
+                if search == "hnsw":
+                    rows = _index_top_k(store, key, chunk, queries, top_k, include_self)
+                else:
+                    indices, distances = top_k_cosine(
+                        queries, matrix, top_k, None if include_self else np.array(chunk),
+                        None if include_self else ids, block=block)
+                    rows = [(q, r + 1, int(ids[c]), float(d)) for q, idx, dist in
+                            zip(chunk, indices, distances)
+                            for r, (c, d) in enumerate(zip(idx, dist))]
+                store.add_ranking_results(run.id, rows)
+                written += len(rows)
+            lineage.unchanged(store, used, space, key, from_split, "ranking")
+            run.succeed(**used, queries=len(query_ids), candidates=len(ids), rows=written,
+                        search=search, queries_without_vectors=len(without))
     return {"run_id": run.id, **run.counts}
 
 

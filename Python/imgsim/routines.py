@@ -40,7 +40,19 @@ def _p(name, sql_type, default=None):
     return Param(name, sql_type, default)
 
 
-TEXT, INT, FLOAT = "pg_catalog.text", "pg_catalog.int4", "pg_catalog.float8"
+# Parameters that could be large are of domains whose bounds PostgreSQL checks before a
+# routine's Python sees (and copies) them.
+DOMAINS = {
+    "imgsim.short_text": ("pg_catalog.text", "at_most_4096_characters",
+                          "pg_catalog.length(VALUE) <= 4096"),
+    "imgsim.k_list": ("pg_catalog.int4[]", "at_most_50_values",
+                      "pg_catalog.cardinality(VALUE) <= 50"),
+    "imgsim.id_list": ("pg_catalog.int4[]", "at_most_100000_ids",
+                       "pg_catalog.cardinality(VALUE) <= 100000"),
+    "imgsim.image_file": ("pg_catalog.bytea", "at_most_100_mb",
+                          "pg_catalog.octet_length(VALUE) <= 104857600"),
+}
+TEXT, INT, FLOAT = "imgsim.short_text", "pg_catalog.int4", "pg_catalog.float8"
 BOOL = "pg_catalog.bool"
 NULL = "NULL"
 
@@ -66,7 +78,7 @@ ROUTINES = (
     Routine("evaluate_model",
             "Top-k ranking accuracy by L2 and cosine distance; stored in "
             "imgsim.ranking_metrics and returned.",
-            (_p("ks", "pg_catalog.int4[]", KS), _p("space", TEXT, "'scores'"),
+            (_p("ks", "imgsim.k_list", KS), _p("space", TEXT, "'scores'"),
              _p("backbone", TEXT, NULL), _p("weights", TEXT, NULL)),
             "TABLE(distance pg_catalog.text, k pg_catalog.int4, accuracy pg_catalog.float8, "
             "mean_rank pg_catalog.float8, median_rank pg_catalog.float8)"),
@@ -78,13 +90,13 @@ ROUTINES = (
              _p("backbone", TEXT, NULL), _p("weights", TEXT, NULL))),
     Routine("set_query_images",
             "Choose the query images of rank_candidates (an empty array: the test images).",
-            (_p("image_ids", "pg_catalog.int4[]"),)),
+            (_p("image_ids", "imgsim.id_list"),)),
     Routine("run_image_similarity",
             "Every step: [sync], featurize, prepare, train, evaluate, rank.",
             (_p("image_folder", TEXT, NULL), _p("backbone", TEXT, "'efficientnet_lite0'"),
              _p("ratio_train_test", FLOAT, "0.75"), _p("max_query_imgs_per_subdir", INT, "20"),
              _p("max_neg_imgs_per_query_img", INT, "100"), _p("top_k_candidates", INT, "10"),
-             _p("ks", "pg_catalog.int4[]", KS), _p("kind", TEXT, "'mlp'"),
+             _p("ks", "imgsim.k_list", KS), _p("kind", TEXT, "'mlp'"),
              _p("space", TEXT, "'scores'"), _p("seed", INT, "42"), _p("weights", TEXT, NULL),
              _p("replace", BOOL, "false"), _p("keep_conflicts", BOOL, "false"))),
     Routine("refresh",
@@ -94,7 +106,7 @@ ROUTINES = (
     Routine("similar_images",
             "Featurize and score one new image, and return the k most similar stored "
             "images (writes nothing).",
-            (_p("image", "pg_catalog.bytea"), _p("k", INT, "10"), _p("space", TEXT, "'scores'")),
+            (_p("image", "imgsim.image_file"), _p("k", INT, "10"), _p("space", TEXT, "'scores'")),
             "TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, "
             "distance pg_catalog.float8)"),
 )
@@ -130,11 +142,15 @@ def step_body(site: str, build: str) -> str:
 
 
 def statements(site: str, build: str):
-    """The CREATE statements of every routine, as psycopg SQL (bodies as literals)."""
+    """The CREATE statements of the domains and of every routine, as psycopg SQL (bodies
+    as literals)."""
     from psycopg import sql
 
-    created = [sql.SQL(
-        "CREATE FUNCTION imgsim._step(token pg_catalog.text, action pg_catalog.text) "
+    created = [sql.SQL("CREATE DOMAIN {} AS {} CONSTRAINT {} CHECK ({})").format(
+        sql.SQL(name), sql.SQL(base), sql.Identifier(constraint), sql.SQL(check))
+        for name, (base, constraint, check) in DOMAINS.items()]
+    created += [sql.SQL(
+        "CREATE FUNCTION imgsim._step(token imgsim.short_text, action imgsim.short_text) "
         "RETURNS pg_catalog.text LANGUAGE plpython3u SECURITY DEFINER "
         "SET search_path = pg_catalog, imgsim, pg_temp AS {}").format(
             sql.Literal(step_body(site, build)))]

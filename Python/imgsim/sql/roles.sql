@@ -13,7 +13,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA imgsim FROM {analyst};
 GRANT SELECT ON ALL TABLES IN SCHEMA imgsim TO {analyst};
 REVOKE ALL ON imgsim.step_locks FROM {analyst};  -- who holds imgsim: not theirs to lock
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA imgsim FROM PUBLIC;
-REVOKE ALL ON ALL ROUTINES IN SCHEMA imgsim FROM PUBLIC;
+REVOKE ALL ON ALL ROUTINES IN SCHEMA imgsim FROM PUBLIC;  -- the domains keep USAGE for all
 GRANT EXECUTE ON ALL ROUTINES IN SCHEMA imgsim TO {analyst};
 DO $roles$
 DECLARE

@@ -76,11 +76,10 @@ class Busy(RuntimeError):
 
 
 # The first key of the advisory locks that keep imgsim's leases alive ('imgs'), and how
-# long taking a lease waits for a transaction that is taking or holding one.
+# long taking a lease waits for another backend taking one.
 LEASE_KEY = 0x696D6773
 LEASE_WAIT = "2s"
-_LOCK_LEASES = {True: text("LOCK TABLE imgsim.step_locks IN SHARE ROW EXCLUSIVE MODE"),
-                False: text("LOCK TABLE imgsim.step_locks IN ROW EXCLUSIVE MODE")}
+_LOCK_LEASES = text("LOCK TABLE imgsim.step_locks IN SHARE ROW EXCLUSIVE MODE")
 
 
 class Store:
@@ -102,86 +101,71 @@ class Store:
     def create_tables(self) -> None:
         raise NotImplementedError
 
-    def _acquire(self, exclusive: bool) -> bool:
-        """Take the step lock without waiting (marking abandoned runs when no one else
-        holds it); False when another holder has it."""
+    def _acquire(self) -> bool:
+        """Take the step lock without waiting (marking abandoned runs: no one else holds
+        it); False when another holder has it."""
         raise NotImplementedError
 
     def _release(self) -> None:
         raise NotImplementedError
 
-    # -- the step lock in PostgreSQL: leases in imgsim.step_locks --------------------------
-    # A lease is a row of step_locks that names a token: a session advisory lock
-    # (LEASE_KEY, token) its holder keeps while it holds the lease, so that a lease whose
-    # backend died is seen as dead (its advisory lock went with the backend). Analysts may
-    # not read, write or lock step_locks, and a token is a fresh random number, so no one
-    # can hold imgsim by taking an advisory lock. Leases are taken under a table lock
-    # (ROW EXCLUSIVE for shared leases, SHARE ROW EXCLUSIVE for exclusive ones), waited
-    # for at most LEASE_WAIT: a transaction that took a lease and is still open holds it.
-    def _lease_acquire(self, exclusive: bool) -> int | None:
+    # -- the step lock in PostgreSQL: a lease in imgsim.step_locks -------------------------
+    # A lease is a row of step_locks naming its holder's backend and a token: a session
+    # advisory lock (LEASE_KEY, token) that backend keeps while it holds the lease. The
+    # lease is alive while that backend holds that lock, so a lease whose backend died is
+    # seen as gone, and another backend taking the token over keeps nothing alive. Analysts
+    # may not read, write or lock step_locks, so no one holds imgsim but through its
+    # routines. Leases are taken under a table lock, waited for at most LEASE_WAIT.
+    def _lease_acquire(self) -> int | None:
         """In the caller's transaction: the token of a new lease, or None when a live
         lease is in the way. Raises the server's lock_not_available after LEASE_WAIT."""
         previous = self._fetch(select(func.current_setting("lock_timeout")))[0][0]
         self._fetch(select(func.set_config("lock_timeout", LEASE_WAIT, True)))
-        self._write(_LOCK_LEASES[exclusive])
+        self._write(_LOCK_LEASES)
         self._fetch(select(func.set_config("lock_timeout", previous, True)))
         s = t.step_locks.c
-        leases = dict(self._fetch(select(s.token, s.exclusive)))
+        leases = dict(self._fetch(select(s.token, s.pid)))
         live = self._live_tokens(leases)
         dead = [token for token in leases if token not in live]
         if dead:
             self._write(delete(t.step_locks).where(s.token.in_(dead)))
-        if live and (exclusive or any(leases[token] for token in live)):
+        if live:
             return None
-        if not live:
-            self.mark_abandoned()
+        self.mark_abandoned()
         while True:
             token = secrets.randbelow(2**31 - 1) + 1
             if self._fetch(select(func.pg_try_advisory_lock(LEASE_KEY, token)))[0][0]:
                 break
-        self._write(insert(t.step_locks).values(token=token, exclusive=exclusive,
-                                                holder=self.who(), since=now()))
+        self._write(insert(t.step_locks).values(
+            token=token, pid=self._fetch(select(func.pg_backend_pid()))[0][0],
+            holder=self.who(), since=now()))
         return token
 
     def _lease_release(self, token: int) -> None:
         self._write(delete(t.step_locks).where(t.step_locks.c.token == token))
         self._fetch(select(func.pg_advisory_unlock(LEASE_KEY, token)))
 
-    def _live_tokens(self, tokens) -> set[int]:
-        """Which of ``tokens`` a backend of this database still holds."""
-        if not tokens:
+    def _live_tokens(self, leases: dict[int, int]) -> set[int]:
+        """The tokens of ``{token: pid}`` still held by the backend that took them."""
+        if not leases:
             return set()
         lock, d = _pg_locks.c, _pg_database.c
-        return {r[0] for r in self._fetch(
-            select(lock.objid).where(
+        return {token for token, pid in self._fetch(
+            select(lock.objid, lock.pid).where(
                 lock.locktype == "advisory", lock.classid == LEASE_KEY, lock.objsubid == 2,
-                lock.granted, lock.objid.in_(list(tokens)),
+                lock.granted, lock.objid.in_(list(leases)),
                 lock.database == select(d.oid).where(d.datname == func.current_database())
-                .scalar_subquery()))}
+                .scalar_subquery())) if leases.get(token) == pid}
 
     def _lock_holder(self) -> str | None:
-        """Who holds imgsim in PostgreSQL: live leases, and open transactions that took one
-        (SQLite cannot tell)."""
+        """Who holds imgsim in PostgreSQL (SQLite cannot tell)."""
         if self.dialect_name != "postgresql":
             return None
         s = t.step_locks.c
-        leases = self._fetch(select(s.token, s.holder, s.since))
-        live = self._live_tokens([r[0] for r in leases])
-        holders = [f"{holder} (since {str(since)[:19]})" for token, holder, since in leases
+        leases = self._fetch(select(s.token, s.pid, s.holder, s.since))
+        live = self._live_tokens({token: pid for token, pid, _, _ in leases})
+        holders = [f"{holder} (since {str(since)[:19]})" for token, _, holder, since in leases
                    if token in live]
-        lock, a = _pg_locks.c, _pg_stat_activity.c
-        holders += [f"an open transaction of backend {pid} (role {role})" for pid, role in
-                    self._fetch(select(lock.pid, a.usename).distinct()
-                                .select_from(_pg_locks.join(_pg_stat_activity,
-                                                            a.pid == lock.pid))
-                                .where(lock.locktype == "relation", lock.granted,
-                                       lock.relation == select(_pg_class.c.oid).where(
-                                           _pg_class.c.relname == "step_locks",
-                                           _pg_class.c.relnamespace == select(
-                                               _namespace.c.oid).where(
-                                               _namespace.c.nspname == t.SCHEMA)
-                                           .scalar_subquery()).scalar_subquery(),
-                                       lock.pid != func.pg_backend_pid()))]
         return ", ".join(holders) or None
 
     # -- where the store runs -------------------------------------------------------------
@@ -198,34 +182,32 @@ class Store:
 
     # -- the step lock --------------------------------------------------------------------
     _lock_depth = 0
-    _lock_exclusive = False
 
     @contextmanager
-    def lock(self, exclusive: bool = True):
-        """Hold the database for a step: exclusive for steps that replace shared state,
-        shared for steps that only read it and add results of their own.
+    def lock(self):
+        """Hold the database alone for a step that replaces shared state.
 
         Re-entrant (a pipeline holds it for its steps). A step that cannot have it fails
         at once with :class:`Busy`, naming the run that holds it, so that two runs never
-        mix. Whoever takes the lock while no one else holds any marks the runs that were
-        left ``running`` by a process that died as ``abandoned``.
+        mix. Whoever takes it marks the runs that were left ``running`` by a process that
+        died as ``abandoned``. (Steps that only read shared state and add results of
+        their own, evaluate and rank, take no lock: they check that their inputs did not
+        change while they read them, see :mod:`imgsim.lineage`.)
         """
         if self._lock_depth:
-            if exclusive and not self._lock_exclusive:
-                raise RuntimeError("a step holding the shared lock cannot take the exclusive one")
             self._lock_depth += 1
             try:
                 yield
             finally:
                 self._lock_depth -= 1
             return
-        if not self._acquire(exclusive):
+        if not self._acquire():
             raise Busy(self._busy_message())
-        self._lock_depth, self._lock_exclusive = 1, exclusive
+        self._lock_depth = 1
         try:
             yield
         finally:
-            self._lock_depth, self._lock_exclusive = 0, False
+            self._lock_depth = 0
             self._release()
 
     def _busy_message(self) -> str:

@@ -188,10 +188,10 @@ class PlpyStore(Store):
             self._last_check = time.monotonic()
 
     # -- the step lock: a lease held by this backend --------------------------------------
-    def _acquire(self, exclusive: bool) -> bool:
+    def _acquire(self) -> bool:
         try:
             with self.transaction():
-                token = self._lease_acquire(exclusive)
+                token = self._lease_acquire()
         except self.plpy.SPIError as exc:
             if getattr(exc, "sqlstate", None) == "55P03":  # a lease is being taken
                 return False

@@ -125,13 +125,13 @@ class SQLAlchemyStore(Store):
                         connection.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {ddl}")
 
     # -- the step lock: a lock file beside SQLite, a lease in PostgreSQL --------------
-    def _acquire(self, exclusive: bool) -> bool:
+    def _acquire(self) -> bool:
         if self.dialect_name == "sqlite":
-            return self._flock(exclusive)
+            return self._flock()
         connection = self.engine.connect()  # held for the step: the lease's token is its own
         self._connection = connection
         try:
-            token = self._lease_acquire(exclusive)
+            token = self._lease_acquire()
             connection.commit()
         except OperationalError as exc:
             connection.rollback()
@@ -151,7 +151,7 @@ class SQLAlchemyStore(Store):
         self._lock = (connection, token)
         return True
 
-    def _flock(self, exclusive: bool) -> bool:
+    def _flock(self) -> bool:
         """SQLite: a lock file beside the database (an in-memory one is this process's)."""
         import fcntl
 
@@ -162,23 +162,13 @@ class SQLAlchemyStore(Store):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.mark_abandoned()  # no one else holds it
         except BlockingIOError:
-            if exclusive:
-                os.close(fd)
-                return False
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-        else:
-            try:
-                self.mark_abandoned()  # no one else holds it
-            except BaseException:
-                os.close(fd)
-                raise
-            if not exclusive:
-                fcntl.flock(fd, fcntl.LOCK_SH)
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock = fd
         return True
 

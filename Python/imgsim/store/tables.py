@@ -134,12 +134,12 @@ ranking_metrics = Table(
     Column("median_rank", Float, nullable=False),
 )
 
-# Who holds imgsim in PostgreSQL: one lease per step holding it (see Store.lock); no one
-# but the owner may read, write or lock it.
+# Who holds imgsim in PostgreSQL: the lease of the step holding it (see Store.lock); no
+# one but the owner may read, write or lock it.
 step_locks = Table(
     "step_locks", metadata,
     Column("token", Integer, primary_key=True, autoincrement=False),
-    Column("exclusive", Boolean, nullable=False),
+    Column("pid", Integer, nullable=False),
     Column("holder", Text, nullable=False),
     Column("since", DateTime(timezone=True), nullable=False),
 )
