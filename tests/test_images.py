@@ -181,6 +181,13 @@ def test_a_jpeg_repeating_its_scans_is_refused_before_decoding():
         load_rgb(_repeat_last_scan(progressive, 100))
 
 
+def test_a_tiff_holding_a_jpeg_is_refused_and_plain_tiffs_are_read():
+    image = Image.new("RGB", (32, 32), (200, 100, 50))
+    assert load_rgb(encode(image, "TIFF", compression="tiff_lzw")).size == (32, 32)
+    with pytest.raises(ImageError, match="compressed with jpeg is not decoded"):
+        load_rgb(encode(image, "TIFF", compression="jpeg"))
+
+
 def test_a_part_reaching_outside_the_image_is_refused():
     from imgsim.images import _check_layout
 

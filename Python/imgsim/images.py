@@ -4,7 +4,8 @@ Preprocessing, the same for every backbone, step and compute context:
 
 1. decode with Pillow, formats ``FORMATS`` only; refuse images over ``MAX_PIXELS``
    before decoding pixels, files whose parts would decode more than they declare (a
-   tile outside the image, a JPEG of more than ``MAX_JPEG_SCANS`` scans), and images
+   tile outside the image, a JPEG of more than ``MAX_JPEG_SCANS`` scans, a TIFF holding a
+   JPEG), and images
    whose decoded pixels would not fit the memory allowed (``max_decode_bytes``);
    decode only as many pixels as the result needs: a JPEG is decoded reduced by its
    DCT scaling (1/2, 1/4 or 1/8, the smallest whose shorter side stays at least 288 px),
@@ -44,6 +45,9 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (ph
 # waits: a file repeating scans could keep a process busy for hours. Encoders write 1 to
 # about 20.
 MAX_JPEG_SCANS = 64
+# TIFF's own compressions (a JPEG inside a TIFF would escape the scan limit).
+TIFF_COMPRESSIONS = ("raw", "tiff_lzw", "tiff_adobe_deflate", "packbits", "group3", "group4",
+                     "tiff_ccitt")
 REDUCING_GAP = 3.0
 # Modes Image.reduce cannot average (palette indices, bilevel, 16-bit): converted first.
 CONVERT_FIRST = {"1", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -118,6 +122,9 @@ def _check_layout(image: Image.Image, data: bytes) -> None:
         scans = data.count(b"\xff\xda")
         if scans > MAX_JPEG_SCANS:
             raise ImageError(f"a JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS}")
+    if image.format == "TIFF" and image.info.get("compression") not in TIFF_COMPRESSIONS:
+        raise ImageError(f"a TIFF compressed with {image.info.get('compression')} is not "
+                         "decoded (save it as JPEG, or as TIFF with LZW or deflate)")
 
 
 def central_band(image: Image.Image, size: int = SIZE) -> Image.Image:
