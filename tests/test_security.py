@@ -566,3 +566,18 @@ def test_a_run_records_who_logged_in_and_as_whom(target):
         by = conn.execute("SELECT started_by FROM imgsim.runs ORDER BY id DESC LIMIT 1"
                           ).fetchone()[0]
     assert by.startswith("mallory as imgsim_analyst (backend ")
+
+
+def test_the_wheel_carries_the_sql_and_the_server_requirements(tmp_path):
+    """deploy reads its SQL and pinned server packages from the installed package, so a
+    wheel install deploys as a checkout does."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(root)], check=True,
+                   capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("imgsim-*.whl"))).namelist()
+    for data in ("imgsim/sql/roles.sql", "imgsim/sql/vector.sql", "imgsim/sql/routines.sql",
+                 "imgsim/sql/drop_routines.sql", "imgsim/server-requirements.txt"):
+        assert data in names
