@@ -33,6 +33,12 @@ def _backbone_args(p, default=backbones.DEFAULT_BACKBONE):
     p.add_argument("--weights", help="torchvision-format state_dict file (needed by resnet18)")
 
 
+def _workers_arg(p):
+    p.add_argument("--workers", type=int,
+                   help="threads decoding images while others are inferred (default: half "
+                        "the cores)")
+
+
 def _prepare_args(p):
     p.add_argument("--keep-conflicts", action="store_true",
                    help="keep images whose content is filed under two categories (left out "
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("featurize", help="compute CNN features of new images")
     _backbone_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    _workers_arg(p)
 
     p = sub.add_parser("prepare", help="split train/test and draw the evaluation set")
     _backbone_args(p)
@@ -118,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true",
                    help="mirror FOLDER although the table mirrors another folder")
     _backbone_args(p)
+    _workers_arg(p)
     _prepare_args(p)
     _train_args(p)
     _evaluate_args(p)
@@ -242,6 +250,9 @@ def _run(args) -> int:
         print(routines.script(), end="")
         return 0
     if args.command == "run" and args.compute == "in-db":
+        if args.workers is not None:
+            raise ParameterError("--workers is for --compute local: inside the database one "
+                                 "thread decodes, within the DBA's memory setting")
         if args.fine_tune:
             raise ParameterError("--fine-tune needs torch, which the database server does "
                                  "not have: run with --compute local against the same "
@@ -263,7 +274,7 @@ def _run(args) -> int:
         result = sync_image_folder(store, args.folder, args.replace, progress=progress)
     elif args.command == "featurize":
         result = featurize_images(store, args.backbone, weights, args.batch_size,
-                                  progress=progress)
+                                  progress=progress, workers=args.workers)
     elif args.command == "prepare":
         result = prepare_data(store, args.backbone, weights, args.ratio_train_test,
                               args.max_query_imgs_per_subdir,
@@ -285,7 +296,7 @@ def _run(args) -> int:
             args.max_query_imgs_per_subdir, args.max_neg_imgs_per_query_img,
             args.top_k_candidates, args.ks, args.kind, args.space, args.seed,
             args.fine_tune, args.epochs, args.chart, progress, args.replace,
-            args.keep_conflicts)
+            args.keep_conflicts, args.workers)
         _print_results_table(store)
         print(f"report: {write_report(store, args.report).resolve()}")
         return 0

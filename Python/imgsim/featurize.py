@@ -147,8 +147,8 @@ def features_in_use(store, backbone: str | None = None, weights=None) -> str:
 
 @stepwise
 def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=None,
-                     batch_size: int = 32, progress: bool = True, model: str | None = None
-                     ) -> dict:
+                     batch_size: int = 32, progress: bool = True, model: str | None = None,
+                     workers: int | None = None) -> dict:
     """Compute features for every image that has none for ``backbone`` (or ``model``).
 
     Parameters
@@ -162,6 +162,10 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
     model : str, optional
         The name of a backbone graph in the models table (such as a fine-tuned one,
         ``efficientnet_lite0-288-tuned@...``) to use instead of ``backbone``.
+    workers : int, optional
+        Threads decoding the next batch while the current one is inferred (Pillow decodes
+        and resizes without holding the GIL): by default half the cores, at least one;
+        one inside the server. The memory one image's decoding may take is shared out.
 
     Returns
     -------
@@ -179,6 +183,9 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
     batch_size = checks.count("batch_size", batch_size, 1)
     if batch_size > 1024:
         raise checks.ParameterError(f"batch_size must be <= 1024; got {batch_size}")
+    workers = default_workers(store) if workers is None else checks.count("workers", workers, 1)
+    if workers > 64:
+        raise checks.ParameterError(f"workers must be <= 64; got {workers}")
     if model is None and backbone == "resnet18" and weights is None:
         raise checks.ParameterError("backbone resnet18 needs weights=PATH (a torchvision-"
                                     "format state_dict file)")
@@ -209,22 +216,22 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
                                     for row in store.unrecorded_bad_copies(STEP)])
         pending = store.pending_images(key, STEP)
         counts = {"pending": len(pending), "featurized": 0, "reused": 0, "failed": 0,
-                  "batch_size": batch_size}
+                  "batch_size": batch_size, "workers": workers}
         run.progress(**counts)
         if pending:
-            featurizer = Featurizer(graph, max_decode_bytes=budget.decode_bytes)
+            featurizer = Featurizer(graph, max_decode_bytes=budget.decode_bytes // workers)
             bar = tqdm(total=len(pending), desc=f"featurize {backbone}", unit="img",
                        disable=not progress)
             batches = _batches(pending, batch_size, budget.batch_bytes)
-            # Store access stays on this thread (plpy is single-threaded); the worker
-            # thread only decodes, overlapping with inference of the previous batch.
-            with ThreadPoolExecutor(max_workers=1, initializer=_block_signals) as pool:
-                future = pool.submit(_decode, featurizer, _load(store, key, batches[0]))
+            # Store access stays on this thread (plpy is single-threaded); the workers
+            # only decode, the next batch while this one is inferred.
+            with ThreadPoolExecutor(max_workers=workers, initializer=_block_signals) as pool:
+                future = _decode(pool, featurizer, _load(store, key, batches[0]))
                 for index in range(len(batches)):
                     decoded = _wait(store, future)
                     if index + 1 < len(batches):
-                        future = pool.submit(_decode, featurizer,
-                                             _load(store, key, batches[index + 1]))
+                        future = _decode(pool, featurizer,
+                                         _load(store, key, batches[index + 1]))
                     _embed_and_store(store, featurizer, key, decoded, run, counts)
                     bar.update(len(batches[index]))
                     run.progress(**counts)
@@ -247,13 +254,24 @@ def _batches(pending, images: int, max_bytes: int) -> list[list[tuple]]:
     return batches + ([batch] if batch else [])
 
 
-def _wait(store, future):
-    """The decoded batch, answering a cancel while the worker decodes."""
-    while True:
-        try:
-            return future.result(timeout=0.25)
-        except TimeoutError:
-            store.check_interrupts()
+def default_workers(store) -> int:
+    """Decoding threads: half the cores on a client, one inside the server (where the
+    DBA's memory setting is shared by the images decoded at once)."""
+    return 1 if not store.local_files else max(1, (os.cpu_count() or 1) // 2)
+
+
+def _wait(store, decoding):
+    """The decoded batch, answering a cancel while the workers decode."""
+    reused_rows, todo, futures = decoding
+    arrays = []
+    for (image_id, path, sha), future in zip(todo, futures):
+        while True:
+            try:
+                arrays.append((image_id, path, sha, future.result(timeout=0.25)))
+                break
+            except TimeoutError:
+                store.check_interrupts()
+    return reused_rows, arrays
 
 
 def _load(store, key, batch):
@@ -264,9 +282,11 @@ def _load(store, key, batch):
     return [(i, s, reused[s]) for i, _, s in batch if s in reused], todo, data
 
 
-def _decode(featurizer, loaded):
+def _decode(pool, featurizer, loaded):
+    """Start decoding a loaded batch on the pool: ``(reused rows, todo, futures)``."""
     reused_rows, todo, data = loaded
-    return reused_rows, [(i, p, s, featurizer.prepare(data[i])) for i, p, s in todo]
+    futures = [pool.submit(featurizer.prepare, data.pop(i)) for i, _, _ in todo]
+    return reused_rows, todo, futures
 
 
 def _embed_and_store(store, featurizer, key, decoded, run, counts):

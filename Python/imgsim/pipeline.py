@@ -25,7 +25,7 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
                          seed: int = DEFAULT_SEED, fine_tune: bool = False,
                          epochs: int = DEFAULT_EPOCHS, chart_path=None,
                          progress: bool = True, replace: bool = False,
-                         keep_conflicts: bool = False) -> dict:
+                         keep_conflicts: bool = False, workers: int | None = None) -> dict:
     """Sync (when ``image_folder`` is given), featurize, prepare, train (fine-tuning the
     backbone first when ``fine_tune``), evaluate, rank.
 
@@ -43,6 +43,8 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
     checks.choice("space", space, SPACES)
     seed = checks.seed("seed", seed)
     check_chart_path(chart_path)
+    if workers is not None:
+        checks.count("workers", workers, 1)
     if fine_tune:
         check_request(epochs)
     if backbone == "resnet18" and weights is None:
@@ -57,7 +59,7 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
             results["sync_image_folder"] = yield from sync_image_folder.stretches(
                 store, image_folder, replace, progress=progress)
         results["featurize_images"] = yield from featurize_images.stretches(
-            store, backbone, weights, progress=progress)
+            store, backbone, weights, progress=progress, workers=workers)
         results["prepare_data"] = yield from prepare_data.stretches(
             store, backbone, weights, ratio_train_test, max_query_imgs_per_subdir,
             max_neg_imgs_per_query_img, seed, keep_conflicts)
