@@ -181,11 +181,37 @@ def test_a_jpeg_repeating_its_scans_is_refused_before_decoding():
         load_rgb(_repeat_last_scan(progressive, 100))
 
 
-def test_a_tiff_holding_a_jpeg_is_refused_and_plain_tiffs_are_read():
-    image = Image.new("RGB", (32, 32), (200, 100, 50))
-    assert load_rgb(encode(image, "TIFF", compression="tiff_lzw")).size == (32, 32)
-    with pytest.raises(ImageError, match="compressed with jpeg is not decoded"):
-        load_rgb(encode(image, "TIFF", compression="jpeg"))
+def test_tiffs_are_not_decoded_and_say_so():
+    for compression in ("raw", "jpeg"):  # its layout alone can make opening one costly
+        data = encode(Image.new("RGB", (32, 32)), "TIFF", compression=compression)
+        with pytest.raises(ImageError, match="TIFF files are not decoded"):
+            load_rgb(data)
+
+
+def test_an_exif_block_too_large_to_unpack_is_not_read():
+    from imgsim.images import MAX_EXIF_BYTES
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x013C] = "x" * (MAX_EXIF_BYTES + 1)  # HostComputer, padded
+    data = encode(Image.new("RGB", (40, 20)), "PNG", exif=exif.tobytes())
+    assert load_rgb(data).size == (40, 20)  # not turned: the block was left alone
+
+
+def test_the_memory_estimate_counts_what_each_format_really_needs():
+    from imgsim.images import decode_bytes
+
+    def opened(image, fmt, **kw):
+        return Image.open(io.BytesIO(encode(image, fmt, **kw)))
+
+    rgb = Image.new("RGB", (100, 100))
+    assert decode_bytes(opened(rgb, "PNG"), (100, 100)) == 100 * 100 * 4
+    assert decode_bytes(opened(rgb, "WEBP"), (100, 100)) == 100 * 100 * 16
+    palette = rgb.convert("P")
+    assert decode_bytes(opened(palette, "PNG", transparency=0), (100, 100)) == 100 * 100 * 12
+    progressive = opened(rgb.resize((2000, 1000)), "JPEG", progressive=True)
+    progressive.draft("RGB", (500, 250))  # decoded at 1/4, but every coefficient is kept
+    assert decode_bytes(progressive, (2000, 1000)) == 500 * 250 * 4 + 2000 * 1000 * 2 * 3
 
 
 def test_a_part_reaching_outside_the_image_is_refused():

@@ -151,3 +151,57 @@ def test_a_batch_holds_no_more_bytes_than_allowed():
     pending = [(i, f"p{i}", f"s{i}", size) for i, size in enumerate([5, 5, 5, 30, 1, 1, 1])]
     batches = _batches(pending, images=3, max_bytes=12)
     assert [[i for i, _, _ in b] for b in batches] == [[0, 1], [2], [3], [4, 5, 6]]
+
+
+CAPPED = """
+import numpy as np
+from imgsim import settings
+
+with settings.capped(300):
+    try:
+        np.ones(600 << 20, dtype=np.uint8)  # twice the setting
+        print("allocated")
+    except MemoryError:
+        print("refused")
+print("after:", np.ones(600 << 20, dtype=np.uint8).size >> 20)
+"""
+
+
+def test_the_memory_setting_is_enforced_where_it_is_applied():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CAPPED], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["refused", "after:", "600"]
+
+
+def test_a_decode_in_progress_does_not_hold_back_a_cancel():
+    """Decoding runs in C, where a cancel is not seen: it runs on a worker thread while
+    the caller keeps answering (the dropped decode finishes on its own)."""
+    import threading
+
+    from imgsim.featurize import prepare_answering
+
+    release = threading.Event()
+
+    class SlowDecoder:
+        def prepare(self, data):
+            release.wait(30)
+            return data
+
+    class Cancelled(Exception):
+        pass
+
+    class Store:
+        calls = 0
+
+        def check_interrupts(self):
+            Store.calls += 1
+            if Store.calls == 2:
+                raise Cancelled
+
+    with pytest.raises(Cancelled):
+        prepare_answering(Store(), SlowDecoder(), b"bytes")
+    assert not release.is_set()  # it returned while the decode was still going
+    release.set()

@@ -484,7 +484,7 @@ def test_no_one_can_hold_imgsim_with_an_advisory_lock(target):
         conn.execute("SELECT pg_advisory_lock(1768777587, 1), "
                      "pg_advisory_lock_shared(1768777587, 2)")
         with pytest.raises(errors.InsufficientPrivilege):
-            conn.execute("SELECT * FROM imgsim.step_locks")
+            conn.execute("SELECT * FROM imgsim_private.step_locks")
         with psycopg.connect(target["dsn"], autocommit=True) as dba:
             dba.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")  # not blocked
 
@@ -581,3 +581,44 @@ def test_the_wheel_carries_the_sql_and_the_server_requirements(tmp_path):
     for data in ("imgsim/sql/roles.sql", "imgsim/sql/vector.sql", "imgsim/sql/routines.sql",
                  "imgsim/sql/drop_routines.sql", "imgsim/server-requirements.txt"):
         assert data in names
+
+
+def test_a_prepared_statement_cannot_hold_the_lease_table(target):
+    """PostgreSQL locks the tables a statement names while parsing it, before checking any
+    right: the lease table sits in a schema analysts may not use at all."""
+    with psycopg.connect(target["analyst"]) as conn:
+        with pytest.raises(errors.InsufficientPrivilege, match="schema imgsim_private"):
+            conn.execute("PREPARE hold AS INSERT INTO imgsim_private.step_locks DEFAULT VALUES")
+        conn.rollback()
+        conn.execute("PREPARE hold AS INSERT INTO imgsim.runs DEFAULT VALUES")  # parsed: held
+        with psycopg.connect(target["dsn"], autocommit=True) as dba:
+            started = time.monotonic()
+            dba.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+            assert time.monotonic() - started < 1.5
+        conn.rollback()
+
+
+def test_files_private_to_the_server_are_not_read_even_in_an_allowed_folder(target):
+    images = target["allowed"] / "images"
+    private = images / "zebra" / "private.jpg"
+    shutil.copy(next((images / "zebra").glob("*.jpg")), private)
+    weights = target["allowed"] / "private.pth"
+    weights.write_bytes(b"hunter2\n")
+    for path in (private, weights):
+        subprocess.run(["chown", "postgres", str(path)], check=True)
+        os.chmod(path, 0o600)
+    try:
+        with psycopg.connect(target["analyst"], autocommit=True) as conn:
+            conn.execute("CALL imgsim.sync_image_folder(%s)", (str(images),))
+            reason = conn.execute("SELECT reason FROM imgsim.image_errors WHERE path = "
+                                  "'zebra/private.jpg'").fetchone()
+            stored = conn.execute("SELECT count(*) FROM imgsim.images WHERE path = "
+                                  "'zebra/private.jpg'").fetchone()
+            with pytest.raises(errors.InsufficientPrivilege, match="not readable by every"):
+                conn.execute("CALL imgsim.featurize_images(weights => %s)", (str(weights),))
+        assert "not readable by every user of the server" in reason[0] and stored == (0,)
+    finally:
+        private.unlink()
+        weights.unlink()
+        with psycopg.connect(target["dsn"], autocommit=True) as dba:
+            dba.execute("CALL imgsim.sync_image_folder(%s)", (str(images),))

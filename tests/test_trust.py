@@ -451,11 +451,11 @@ def test_an_interrupted_first_sync_still_guards_its_folder(small_folder, texture
     reads = []
     real = imgsim.sync._read
 
-    def interrupted_read(path, root):
+    def interrupted_read(path, *args):
         reads.append(path)
         if len(reads) == 5:
             raise KeyboardInterrupt
-        return real(path, root)
+        return real(path, *args)
 
     monkeypatch.setattr(imgsim.sync, "STRETCH_FILES", 2)
     monkeypatch.setattr(imgsim.sync, "_read", interrupted_read)

@@ -281,7 +281,8 @@ def undeploy(dsn: str) -> dict:
                 "SELECT jobid FROM cron.job WHERE jobname = %s AND database = %s",
                 (JOB_NAME, database)).fetchall()]
         conn.execute("DROP SCHEMA imgsim CASCADE")
-        removed, kept = ["schema imgsim"], []
+        conn.execute("DROP SCHEMA IF EXISTS imgsim_private CASCADE")
+        removed, kept = ["schema imgsim", "schema imgsim_private"], []
         for job in jobs:
             conn.execute("SELECT cron.unschedule(%s)", (job,))
             removed.append(f"pg_cron job {job}")

@@ -52,9 +52,9 @@ def backbone_graph(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=No
         return key, stored[0]
     if not store.local_files:
         raise checks.ParameterError(
-            f"backbone {key} is not in the models table: deploy stores the default backbone; "
-            f"store another by featurizing with it once from a client (imgsim --db ... "
-            f"featurize --backbone {backbone})")
+            f"backbone {backbone}{' with these weights' if weights else ''} is not in the "
+            "models table: deploy stores the default backbone; store another by featurizing "
+            f"with it once from a client (imgsim --db ... featurize --backbone {backbone})")
     cached = cache_dir() / f"{key}.onnx"
     if cached.is_file():
         graph = cached.read_bytes()
@@ -224,8 +224,10 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
                        disable=not progress)
             batches = _batches(pending, batch_size, budget.batch_bytes)
             # Store access stays on this thread (plpy is single-threaded); the workers
-            # only decode, the next batch while this one is inferred.
-            with ThreadPoolExecutor(max_workers=workers, initializer=_block_signals) as pool:
+            # only decode, the next batch while this one is inferred. Stopped, they are
+            # not waited for.
+            pool = ThreadPoolExecutor(max_workers=workers, initializer=_block_signals)
+            try:
                 future = _decode(pool, featurizer, _load(store, key, batches[0]))
                 for index in range(len(batches)):
                     decoded = _wait(store, future)
@@ -236,6 +238,8 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
                     bar.update(len(batches[index]))
                     run.progress(**counts)
                     yield
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
             bar.close()
         run.counts.update(counts)
     return counts
@@ -252,6 +256,21 @@ def _batches(pending, images: int, max_bytes: int) -> list[list[tuple]]:
         batch.append((image_id, path, sha))
         held += size
     return batches + ([batch] if batch else [])
+
+
+def prepare_answering(store, featurizer, data: bytes):
+    """Preprocess one image on a worker thread, answering a cancel while it decodes (a
+    cancelled decode finishes on its own and is dropped)."""
+    pool = ThreadPoolExecutor(max_workers=1, initializer=_block_signals)
+    try:
+        future = pool.submit(featurizer.prepare, data)
+        while True:
+            try:
+                return future.result(timeout=0.25)
+            except TimeoutError:
+                store.check_interrupts()
+    finally:
+        pool.shutdown(wait=False)
 
 
 def default_workers(store) -> int:

@@ -2,10 +2,10 @@
 
 Preprocessing, the same for every backbone, step and compute context:
 
-1. decode with Pillow, formats ``FORMATS`` only; refuse images over ``MAX_PIXELS``
-   before decoding pixels, files whose parts would decode more than they declare (a
-   tile outside the image, a JPEG of more than ``MAX_JPEG_SCANS`` scans, a TIFF holding a
-   JPEG), and images
+1. decode with Pillow, formats ``FORMATS`` only (TIFF, whose layout alone can make
+   opening it costly, is not among them); refuse images over ``MAX_PIXELS`` before
+   decoding pixels, files whose parts would decode more than they declare (a tile
+   outside the image, a JPEG of more than ``MAX_JPEG_SCANS`` scans), and images
    whose decoded pixels would not fit the memory allowed (``max_decode_bytes``);
    decode only as many pixels as the result needs: a JPEG is decoded reduced by its
    DCT scaling (1/2, 1/4 or 1/8, the smallest whose shorter side stays at least 288 px),
@@ -13,7 +13,7 @@ Preprocessing, the same for every backbone, step and compute context:
    for the resize filter) before anything else, and other formats are box-reduced right
    after decoding, by the factor the final resize would reduce by anyway
    (``reducing_gap`` 3), before any conversion copies them;
-2. apply the EXIF orientation;
+2. apply the EXIF orientation (from an EXIF block of at most ``MAX_EXIF_BYTES``);
 3. convert to 8-bit RGB: transparency (RGBA, LA, palette with transparency) is
    composited on white, 16-bit and 32-bit grayscale is scaled to 8 bits, CMYK and
    YCbCr are converted by Pillow;
@@ -40,14 +40,14 @@ MAX_PIXELS = 40_000_000
 SIZE = 288
 # The formats decoded (by content, whatever the file's name): a file of any other format,
 # such as an icon that Pillow would decode while merely opening it, is not an image here.
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (phones)
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG includes MPO (phones' JPEGs)
 # A progressive JPEG is decoded scan by scan over the whole image, in C, where a cancel
 # waits: a file repeating scans could keep a process busy for hours. Encoders write 1 to
 # about 20.
 MAX_JPEG_SCANS = 64
-# TIFF's own compressions (a JPEG inside a TIFF would escape the scan limit).
-TIFF_COMPRESSIONS = ("raw", "tiff_lzw", "tiff_adobe_deflate", "packbits", "group3", "group4",
-                     "tiff_ccitt")
+# An EXIF block larger than a JPEG can hold is not read (its orientation is not applied):
+# Pillow would unpack every value of it.
+MAX_EXIF_BYTES = 65_536
 REDUCING_GAP = 3.0
 # Modes Image.reduce cannot average (palette indices, bilevel, 16-bit): converted first.
 CONVERT_FIRST = {"1", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -57,10 +57,22 @@ class ImageError(ValueError):
     """An image that cannot be used; the message is the reason recorded in image_errors."""
 
 
-def decode_bytes(width: int, height: int, mode: str) -> int:
-    """Memory that decoding ``width x height`` pixels of ``mode`` takes at its peak: Pillow
-    keeps 4 bytes a pixel; modes converted before reducing need a second copy."""
-    return width * height * (8 if mode in CONVERT_FIRST else 4)
+def decode_bytes(image: Image.Image, declared: tuple[int, int]) -> int:
+    """Memory that decoding ``image`` (opened, maybe drafted smaller than its ``declared``
+    size) takes at its peak, as measured: Pillow keeps 4 bytes a pixel; modes converted
+    before reducing need a second copy, a palette with transparency three (the RGBA
+    composite); libwebp needs 16 bytes a pixel; a progressive JPEG keeps every DCT
+    coefficient of the full-size image, 2 bytes a pixel a component, whatever the draft."""
+    width, height = image.size
+    per_pixel = 4
+    if image.mode in CONVERT_FIRST:
+        per_pixel = 12 if "transparency" in image.info else 8
+    if image.format == "WEBP":
+        per_pixel = 16
+    need = width * height * per_pixel
+    if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+        need += declared[0] * declared[1] * 2 * len(image.getbands())
+    return need
 
 
 def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
@@ -81,7 +93,7 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
             if image.format == "JPEG" and min(width, height) > size:
                 scale = min(width, height) / size
                 image.draft("RGB", (int(width / scale), int(height / scale)))
-            need = decode_bytes(*image.size, image.mode)
+            need = decode_bytes(image, (width, height))
             if max_decode_bytes is not None and need > max_decode_bytes:
                 raise ImageError(
                     f"{width}x{height} pixels needs {need >> 20} MB to decode, more than the "
@@ -90,11 +102,16 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
     except ImageError:
         raise
     except UnidentifiedImageError:
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            raise ImageError("TIFF files are not decoded: save them as PNG or JPEG") from None
         raise ImageError("not an image (format not recognised)") from None
+    except MemoryError:
+        raise ImageError("decoding it needs more memory than the memory setting allows"
+                         ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode: {exc}") from None
-    exif = image.getexif()
+    exif = _orientation_exif(image)
     if square:
         image = central_band(image, size)
     if image.mode in CONVERT_FIRST:
@@ -102,11 +119,23 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
     factor = int(min(image.size) / size / REDUCING_GAP)
     if factor > 1:
         image = image.reduce(factor)
-    try:
-        image = ImageOps.exif_transpose(_with_exif(image, exif))
-    except Exception:  # a broken EXIF block must not lose an otherwise good image
-        pass
+    if exif is not None:
+        try:
+            image = ImageOps.exif_transpose(_with_exif(image, exif))
+        except Exception:  # a broken EXIF block must not lose an otherwise good image
+            pass
     return to_rgb(image)
+
+
+def _orientation_exif(image: Image.Image):
+    """The image's EXIF block, unless there is none or it is too large to unpack."""
+    raw = image.info.get("exif")
+    if not raw or len(raw) > MAX_EXIF_BYTES:
+        return None
+    try:
+        return image.getexif()
+    except Exception:
+        return None
 
 
 def _check_layout(image: Image.Image, data: bytes) -> None:
@@ -122,9 +151,6 @@ def _check_layout(image: Image.Image, data: bytes) -> None:
         scans = data.count(b"\xff\xda")
         if scans > MAX_JPEG_SCANS:
             raise ImageError(f"a JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS}")
-    if image.format == "TIFF" and image.info.get("compression") not in TIFF_COMPRESSIONS:
-        raise ImageError(f"a TIFF compressed with {image.info.get('compression')} is not "
-                         "decoded (save it as JPEG, or as TIFF with LZW or deflate)")
 
 
 def central_band(image: Image.Image, size: int = SIZE) -> Image.Image:

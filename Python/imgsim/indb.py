@@ -23,9 +23,9 @@ raised to the caller with a SQLSTATE that says what kind of error it is.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from . import checks, lineage
+from . import checks, lineage, settings
 from .evaluate import evaluate_model
 from .featurize import featurize_images
 from .images import ImageError
@@ -81,7 +81,7 @@ class Invocation:
     stretches: object = None
     result: object = None
     error: BaseException | None = None
-    plans: dict = field(default_factory=dict)
+    memory_mb: int = 0
 
 
 _INVOCATIONS: dict[str, Invocation] = {}
@@ -145,13 +145,14 @@ def step(plpy, token: str, action: str) -> str:
         invocation.store = PlpyStore(plpy, invocation.caller, invocation.login)
         invocation.stretches = STEPS[invocation.routine](invocation.store,
                                                          **invocation.arguments)
+        invocation.memory_mb = settings.read(invocation.store)["max_backend_memory_mb"]
     if action == "close":
         del _INVOCATIONS[token]
         with plpy.subtransaction():
             invocation.stretches.close()
         return "closed"
     try:
-        with plpy.subtransaction():
+        with plpy.subtransaction(), settings.capped(invocation.memory_mb):
             try:
                 while True:
                     next(invocation.stretches)
@@ -176,8 +177,11 @@ def _sql_error(plpy, exc: BaseException) -> Exception:
              ((checks.ParameterError, ImageError), plpy.spiexceptions.InvalidParameterValue),
              (lineage.StaleInputs, plpy.spiexceptions.ObjectNotInPrerequisiteState),
              (Busy, plpy.spiexceptions.LockNotAvailable),
+             (MemoryError, plpy.spiexceptions.OutOfMemory),
              (FileNotFoundError, plpy.spiexceptions.UndefinedFile),
              (ValueError, plpy.spiexceptions.DataException)]
+    if isinstance(exc, MemoryError):
+        exc = MemoryError("the step needed more memory than max_backend_memory_mb allows")
     for kind, error in kinds:
         if isinstance(exc, kind):
             return error(str(exc))

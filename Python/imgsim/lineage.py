@@ -54,7 +54,10 @@ def current_split(store) -> tuple:
     split = store.last_run("prepare_data")
     if split is None:
         raise StaleInputs("there is no train/test split yet: run prepare first")
-    if split[2].get("split_digest") != split_digest(*store.split()):
+    if "split_digest" not in split[2]:
+        raise StaleInputs(f"prepare run {split[0]} was made by an earlier version of imgsim, "
+                          "which kept no digest of its split: run prepare again")
+    if split[2]["split_digest"] != split_digest(*store.split()):
         raise StaleInputs(f"the split tables no longer hold the split of prepare run "
                           f"{split[0]} (sync removed images of it, or a prepare was "
                           "interrupted): run prepare again")

@@ -35,7 +35,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from . import checks, lineage
+from . import checks, lineage, settings
 from .backbones import DEFAULT_BACKBONE
 from .featurize import feature_key
 from .runs import recorded, stepwise
@@ -313,7 +313,8 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
         position = {i: p for p, i in enumerate(ids.tolist())}
         test_rows = [position[i] for i in test.tolist()]
         _check_pairs([categories[p] for p in test_rows], [contents[p] for p in test_rows],
-                     max_query_imgs_per_subdir, max_neg_imgs_per_query_img)
+                     max_query_imgs_per_subdir, max_neg_imgs_per_query_img,
+                     min(MAX_PAIRS, settings.budget(store).pairs))
         pairs, short = evaluation_pairs(test, [categories[p] for p in test_rows],
                                         max_query_imgs_per_subdir, max_neg_imgs_per_query_img,
                                         seed, [contents[p] for p in test_rows])
@@ -331,17 +332,17 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
 MAX_PAIRS = 5_000_000
 
 
-def _check_pairs(categories, contents, max_query: int, max_neg: int) -> None:
-    """Refuse an evaluation set of more than ``MAX_PAIRS`` pairs before drawing it."""
+def _check_pairs(categories, contents, max_query: int, max_neg: int, limit: int) -> None:
+    """Refuse an evaluation set of more than ``limit`` pairs before drawing it."""
     distinct, sizes = defaultdict(set), Counter(categories)
     for category, content in zip(categories, contents):
         distinct[category].add(content)
     pairs = sum(min(max_query, len(kinds)) * (1 + min(max_neg, len(categories) - sizes[c]))
                 for c, kinds in distinct.items())
-    if pairs > MAX_PAIRS:
+    if pairs > limit:
         raise checks.ParameterError(
-            f"the evaluation set would hold {pairs} pairs, over the limit of {MAX_PAIRS}: "
-            "lower max_query_imgs_per_subdir or max_neg_imgs_per_query_img")
+            f"the evaluation set would hold {pairs} pairs, over the limit of {limit} (the "
+            "memory setting's): lower max_query_imgs_per_subdir or max_neg_imgs_per_query_img")
 
 
 def _columns(name: str, ids, categories, contents):

@@ -238,7 +238,7 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> l
     >>> similar_images(store, open("shirt.jpg", "rb").read(), k=3)  # doctest: +SKIP
     [(17, 'striped/s1.jpg', 'striped', 0.0004), ...]
     """
-    from .featurize import Featurizer
+    from .featurize import Featurizer, prepare_answering
     from .train import Classifier
 
     k = check_k("k", k)
@@ -266,7 +266,7 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> l
     featurizer = _cached(key, digests[key][0], lambda n: store.load_model(n)[0],
                          lambda graph: Featurizer(graph))
     featurizer.max_decode_bytes = budget.decode_bytes
-    array = featurizer.prepare(bytes(image))
+    array = prepare_answering(store, featurizer, bytes(image))
     if not isinstance(array, np.ndarray):
         raise array
     vector = featurizer.run(array[None])[0]

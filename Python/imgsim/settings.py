@@ -16,6 +16,7 @@ Analysts may read the settings; only the table's owner may change them.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import checks
@@ -80,6 +81,12 @@ class Budget:
         """How many bytes of image files one batch may hold (at least one image)."""
         return int(self._spare * 0.15)
 
+    @property
+    def pairs(self) -> int:
+        """How many evaluation pairs a split may draw (about 300 bytes each, drawn and
+        evaluated: 40%)."""
+        return int(self._spare * 0.4) // 300
+
     def ranking_block(self, candidates: int) -> int:
         """How many queries one block of exact ranking may compare with ``candidates``."""
         return max(1, min(1024, int(self._spare * 0.4) // (8 * max(candidates, 1))))
@@ -87,6 +94,36 @@ class Budget:
 
 def budget(store) -> Budget:
     return Budget(read(store)["max_backend_memory_mb"])
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return int(next(line.split()[1] for line in fh if line.startswith(field + ":")))
+
+
+@contextmanager
+def capped(memory_mb: int):
+    """Hold this process to ``memory_mb``: for the time being it may map no more new
+    memory than ``memory_mb`` minus what it holds now (at least 64 MB), so that beyond the
+    setting an allocation fails (MemoryError in Python, "out of memory" in the server)
+    instead of the whole server being killed. Used around each stretch of a step inside
+    PostgreSQL, where the estimates of :class:`Budget` could be beaten by crafted input."""
+    import resource
+
+    if not os.path.exists("/proc/self/status"):  # where this cannot be measured: no cap
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    room = max(memory_mb * 1024 - _status_kb("VmRSS"), 64 * 1024)
+    limit = (_status_kb("VmSize") + room) * 1024
+    for bound in (soft, hard):
+        if bound != resource.RLIM_INFINITY:
+            limit = min(limit, bound)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def is_inside(path, roots) -> bool:

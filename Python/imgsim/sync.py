@@ -30,6 +30,7 @@ from . import checks
 from .runs import recorded, stepwise
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# (.tif files are synced, and then recorded as not decoded by featurize: see images.py)
 MAX_FILE_BYTES = 100 << 20
 STRETCH_FILES = 200
 STEP = "sync_image_folder"
@@ -90,8 +91,9 @@ def _inside(path: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _read(path: Path, root: str) -> bytes:
-    """The bytes of the regular file ``path``, inside ``root``.
+def _read(path: Path, root: str, shared_only: bool = False) -> bytes:
+    """The bytes of the regular file ``path``, inside ``root`` (and, if ``shared_only``,
+    one every user of the machine may read).
 
     Checked before opening (a pipe or device is never opened; opening does not block),
     and again on what was opened, so that a link or folder swapped in after the
@@ -111,6 +113,10 @@ def _read(path: Path, root: str) -> bytes:
             raise OSError("it was moved out of the synced folder while it was read")
         if info.st_size > MAX_FILE_BYTES:
             raise OSError(f"larger than the limit of {MAX_FILE_BYTES >> 20} MB")
+        if shared_only and not (info.st_mode & stat.S_IROTH and all(
+                os.stat(folder).st_mode & stat.S_IXOTH for folder in Path(real).parents)):
+            raise OSError("not readable by every user of the server: imgsim does not read "
+                          "files private to it")
         return fh.read(MAX_FILE_BYTES + 1)
 
 
@@ -166,12 +172,13 @@ def _mirror(store, root, replace, files, refused, known, progress):
         errors = [{"run_id": run.id, "path": path, "step": STEP, "reason": reason}
                   for path, reason in refused]
         bar = tqdm(total=len(files), desc="sync", unit="file", disable=not progress)
+        shared_only = store.shared_only()
         for start in range(0, len(files), STRETCH_FILES):
             with store.transaction():
                 for rel, category, path in files[start:start + STRETCH_FILES]:
                     store.check_interrupts()
                     try:
-                        data = _read(path, root)
+                        data = _read(path, root, shared_only)
                     except OSError as exc:
                         errors.append({"run_id": run.id, "path": rel, "step": STEP,
                                        "reason": f"cannot read: {exc.strerror or exc}"})

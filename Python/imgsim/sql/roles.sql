@@ -6,12 +6,13 @@
 -- need and which refuses any call that is not theirs: see imgsim/indb.py); it may
 -- write no table directly: query images are chosen with imgsim.set_query_images.
 ALTER SCHEMA imgsim OWNER TO {admin};
+ALTER SCHEMA imgsim_private OWNER TO {admin};
+REVOKE ALL ON SCHEMA imgsim_private FROM PUBLIC;  -- the lease table: the owner's alone
 REVOKE CREATE ON SCHEMA imgsim FROM PUBLIC;
 GRANT USAGE ON SCHEMA imgsim TO {analyst};
 REVOKE ALL ON ALL TABLES IN SCHEMA imgsim FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA imgsim FROM {analyst};
 GRANT SELECT ON ALL TABLES IN SCHEMA imgsim TO {analyst};
-REVOKE ALL ON imgsim.step_locks FROM {analyst};  -- who holds imgsim: not theirs to lock
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA imgsim FROM PUBLIC;
 REVOKE ALL ON ALL ROUTINES IN SCHEMA imgsim FROM PUBLIC;  -- the domains keep USAGE for all
 GRANT EXECUTE ON ALL ROUTINES IN SCHEMA imgsim TO {analyst};
@@ -20,7 +21,9 @@ DECLARE
   r record;
 BEGIN
   FOR r IN SELECT c.oid::pg_catalog.regclass AS rel FROM pg_catalog.pg_class c
-           WHERE c.relnamespace = 'imgsim'::pg_catalog.regnamespace AND c.relkind IN ('r', 'S')
+           WHERE c.relnamespace IN ('imgsim'::pg_catalog.regnamespace,
+                                    'imgsim_private'::pg_catalog.regnamespace)
+             AND c.relkind IN ('r', 'S')
              AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                              WHERE d.objid = c.oid AND d.deptype IN ('e', 'a', 'i'))
   LOOP

@@ -79,7 +79,7 @@ class Busy(RuntimeError):
 # long taking a lease waits for another backend taking one.
 LEASE_KEY = 0x696D6773
 LEASE_WAIT = "2s"
-_LOCK_LEASES = text("LOCK TABLE imgsim.step_locks IN SHARE ROW EXCLUSIVE MODE")
+_LOCK_LEASES = text("LOCK TABLE imgsim_private.step_locks IN SHARE ROW EXCLUSIVE MODE")
 
 
 class Store:
@@ -114,8 +114,9 @@ class Store:
     # advisory lock (LEASE_KEY, token) that backend keeps while it holds the lease. The
     # lease is alive while that backend holds that lock, so a lease whose backend died is
     # seen as gone, and another backend taking the token over keeps nothing alive. Analysts
-    # may not read, write or lock step_locks, so no one holds imgsim but through its
-    # routines. Leases are taken under a table lock, waited for at most LEASE_WAIT.
+    # may not use schema imgsim_private, so they cannot read, write or even lock (with a
+    # PREPAREd statement) step_locks: no one holds imgsim but through its routines. Leases
+    # are taken under a table lock, waited for at most LEASE_WAIT.
     def _lease_acquire(self) -> int | None:
         """In the caller's transaction: the token of a new lease, or None when a live
         lease is in the way. Raises the server's lock_not_available after LEASE_WAIT."""
@@ -176,6 +177,11 @@ class Store:
     def readable_path(self, path, what: str = "path") -> Path:
         """A file or folder a step may read: on a client, any the client's user can."""
         return Path(path)
+
+    def shared_only(self) -> bool:
+        """Whether steps may read only files every user of the machine may read (inside
+        the server, for callers who may not read the server's files)."""
+        return False
 
     def check_interrupts(self) -> None:
         """Raise if the caller asked the step to stop (a no-op where Ctrl-C does it)."""

@@ -73,6 +73,17 @@ _roles = Table("pg_roles", MetaData(schema="pg_catalog"),
                Column("rolname", String), Column("rolsuper", Boolean))
 
 
+def shared(path) -> bool:
+    """Whether every user of the server could read ``path``: readable by others, in
+    folders others may enter."""
+    import stat
+
+    path = Path(path)
+    if not path.stat().st_mode & stat.S_IROTH:
+        return False
+    return all(folder.stat().st_mode & stat.S_IXOTH for folder in path.parents)
+
+
 class PathNotAllowed(PermissionError):
     """A server path the caller may not make the server read."""
 
@@ -171,7 +182,13 @@ class PlpyStore(Store):
                 f"{what} {path!r} is not inside a folder the DBA allowed imgsim to read "
                 f"(allowed_folders: {', '.join(roots) or 'none'}); the DBA sets them with "
                 "imgsim deploy --allow-folder")
+        if real.is_file() and not shared(real):
+            raise PathNotAllowed(f"{what} {path!r} is not readable by every user of the "
+                                 "server: imgsim does not read files private to it")
         return real
+
+    def shared_only(self) -> bool:
+        return not self._reads_server_files()
 
     def _reads_server_files(self) -> bool:
         r = _roles.c

@@ -65,7 +65,8 @@ class SQLAlchemyStore(Store):
         engine = create_engine(url)
         self.dialect_name = engine.dialect.name
         if self.dialect_name == "sqlite":
-            engine = engine.execution_options(schema_translate_map={tables.SCHEMA: None})
+            engine = engine.execution_options(
+                schema_translate_map={tables.SCHEMA: None, tables.PRIVATE: None})
 
             @event.listens_for(engine.engine, "connect")
             def _pragmas(dbapi_connection, _record):
@@ -108,12 +109,13 @@ class SQLAlchemyStore(Store):
         imgsim added to existing ones (so an upgraded database keeps its data)."""
         with self.engine.begin() as connection:
             if self.dialect_name != "sqlite":
-                connection.execute(CreateSchema(tables.SCHEMA, if_not_exists=True))
+                for schema in (tables.SCHEMA, tables.PRIVATE):
+                    connection.execute(CreateSchema(schema, if_not_exists=True))
             tables.metadata.create_all(connection)
             inspector = inspect(connection)
             preparer = connection.dialect.identifier_preparer
-            schema = None if self.dialect_name == "sqlite" else tables.SCHEMA
             for table in tables.metadata.sorted_tables:
+                schema = None if self.dialect_name == "sqlite" else table.schema
                 with warnings.catch_warnings():  # pgvector's column type is not SQLAlchemy's
                     warnings.simplefilter("ignore", SAWarning)
                     have = {c["name"] for c in inspector.get_columns(table.name, schema=schema)}

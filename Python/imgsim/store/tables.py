@@ -13,6 +13,10 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.types import UserDefinedType
 
 SCHEMA = "imgsim"
+# What only imgsim's owner may touch, out of analysts' reach entirely: PostgreSQL locks a
+# table it merely parses a statement about (PREPARE), before checking any privilege, but
+# not in a schema the role may not use.
+PRIVATE = "imgsim_private"
 metadata = MetaData(schema=SCHEMA)
 
 runs = Table(
@@ -135,13 +139,14 @@ ranking_metrics = Table(
 )
 
 # Who holds imgsim in PostgreSQL: the lease of the step holding it (see Store.lock); no
-# one but the owner may read, write or lock it.
+# one but the owner may read, write or lock it (schema imgsim_private).
 step_locks = Table(
     "step_locks", metadata,
     Column("token", Integer, primary_key=True, autoincrement=False),
     Column("pid", Integer, nullable=False),
     Column("holder", Text, nullable=False),
     Column("since", DateTime(timezone=True), nullable=False),
+    schema=PRIVATE,
 )
 
 # What the DBA decides (see imgsim.settings): written by `imgsim deploy`, read by the steps.
