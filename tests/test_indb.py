@@ -276,13 +276,13 @@ def test_redeploy_upgrades_in_place_keeping_data_and_undeploy_removes_it_all(pg_
     assert one(dsn, "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'shop_%%'") == (0,)
 
 
-def test_feature_ranking_uses_hnsw_and_matches_exact_search(indb):
+def test_stored_feature_rankings_are_exact_and_the_index_serves_queries(indb):
     from imgsim.rank import top_k_cosine
 
     psql(indb, "CALL imgsim.rank_candidates(top_k_candidates => 5, space => 'features')")
     store = SQLAlchemyStore(indb)
     run_id, params, counts, _ = store.last_run("rank_candidates")
-    assert counts["search"] == "hnsw"
+    assert counts["search"] == "exact"  # the same on a client and in the server
     ids, _, matrix = store.feature_matrix(params["feature_key"])
     queries = store.query_ids()
     row_of = {i: n for n, i in enumerate(ids.tolist())}

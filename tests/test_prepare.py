@@ -347,3 +347,23 @@ def test_prepare_data_reads_contents_and_counts_copies_conflicts_and_left_out(em
     assert len(train) + len(test) == len(files) - 1
     with pytest.raises(ParameterError, match="keep_conflicts"):
         prepare_data(store, keep_conflicts=1)
+
+
+def test_a_category_left_with_nothing_to_train_on_by_kept_conflicts_is_left_out():
+    from imgsim.prepare import split_train_test
+
+    # category "a" has 9 contents; "z" holds copies of 3 of them and nothing else
+    ids = list(range(1, 13))
+    categories = ["a"] * 9 + ["z"] * 3
+    contents = [f"c{n}" for n in range(9)] + ["c0", "c1", "c2"]
+    hits = 0
+    for seed in range(20):
+        train, test, left_out = split_train_test(ids, categories, 0.3, seed, contents,
+                                                 keep_conflicts=True)
+        if not {10, 11, 12} & set(train.tolist()):  # a's draw put c0-c2 on the test side
+            hits += 1
+            assert [x["category"] for x in left_out] == ["z"]
+            assert not {10, 11, 12} & set(test.tolist())
+        else:
+            assert left_out == []
+    assert hits > 0

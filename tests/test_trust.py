@@ -1,6 +1,7 @@
 """Results you can trust: lineage, concurrent runs, interrupted and killed steps, the
 command line's errors, copies and label conflicts in the report."""
 
+import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from psycopg import errors
 from sqlalchemy import func, select
 
-from conftest import BAD_FILES, SERVER_VENV, fresh_database, one
+from conftest import SERVER_VENV, fresh_database, one
 from imgsim import (ParameterError, evaluate_model, featurize_images, open_store, prepare_data,
                     rank_candidates, run_image_similarity, sync_image_folder, train_classifier,
                     write_report)
@@ -252,14 +253,17 @@ def test_a_cancelled_featurize_in_the_database_keeps_its_batches_and_answers_at_
     assert isinstance(outcome["error"], errors.QueryCanceled)
     assert outcome["at"] - cancelled < 2.0
     kept = one(trust_db, "SELECT count(*) FROM imgsim.features")[0]
-    status, error = one(trust_db, "SELECT status, error FROM imgsim.runs WHERE step = "
-                                  "'featurize_images' ORDER BY id DESC LIMIT 1")
+    status, error, counts = one(trust_db, "SELECT status, error, counts FROM imgsim.runs "
+                                          "WHERE step = 'featurize_images' ORDER BY id DESC "
+                                          "LIMIT 1")
     assert kept >= 4 and status == "interrupted" and "canceling" in error
+    assert counts["featurized"] + counts["reused"] == kept  # the record matches what was kept
+    known_bad = one(trust_db, "SELECT count(*) FROM imgsim.image_errors WHERE step = "
+                              "'featurize_images'")[0]  # recorded, not retried
     with psycopg.connect(trust_db, autocommit=True) as conn:
         conn.execute("CALL imgsim.featurize_images()")
         counts = conn.execute("SELECT counts FROM imgsim.runs WHERE step = 'featurize_images' "
                               "ORDER BY id DESC LIMIT 1").fetchone()[0]
-    known_bad = len(BAD_FILES)  # recorded by the first featurize, not retried
     assert counts["pending"] + kept + known_bad == one(
         trust_db, "SELECT count(*) FROM imgsim.images")[0]
 
@@ -474,3 +478,203 @@ def test_a_copy_of_an_image_that_failed_is_listed_as_not_used(pipeline_store, te
     featurize_images(pipeline_store, progress=False)
     paths = [p for p, _, _, _ in pipeline_store.image_error_rows()]
     assert "zebra/copy_of_truncated.jpg" in paths
+
+
+# -- found by a second data scientist ----------------------------------------------------
+def test_a_folder_that_cannot_be_listed_keeps_its_images(synced_run, tmp_path):
+    folder, store = synced_run
+    os.chmod(folder / "zebra", 0)
+    try:  # as root, but without the power to read anything: setpriv drops it
+        done = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all",
+             sys.executable, "-m", "imgsim.cli", "--db", store.url.replace("+pysqlite", ""),
+             "--quiet", "sync", str(folder)], capture_output=True, text=True)
+    finally:
+        os.chmod(folder / "zebra", 0o755)
+    assert done.returncode == 0, done.stderr
+    counts = store.last_run("sync_image_folder")[2]
+    assert counts["removed"] == 0 and len([p for _, p, _, _ in store.image_info()
+                                           if p.startswith("zebra/")]) == 4
+    reasons = {p: r for p, _, r, _ in store.image_error_rows()}
+    assert reasons["zebra"].startswith("cannot list the folder")
+
+
+def test_an_evaluation_in_progress_is_never_seen_running_nor_marked_abandoned(
+        synced_run, monkeypatch):
+    import imgsim.evaluate
+
+    folder, store = synced_run
+    seen = {}
+    real = imgsim.evaluate.space_vectors
+
+    def meanwhile(s, space, key):  # another process's step takes the database now
+        other = open_store(store.url)
+        featurize_images(other, progress=False)
+        seen["running"] = other.running_runs()
+        other.close()
+        return real(s, space, key)
+
+    monkeypatch.setattr(imgsim.evaluate, "space_vectors", meanwhile)
+    evaluate_model(store)
+    assert seen["running"] == []
+    assert store.run_rows("evaluate_model", limit=1)[0][2] == "succeeded"
+
+
+def test_a_sync_that_did_not_finish_stops_prepare(synced_run, monkeypatch):
+    import imgsim.sync
+
+    folder, store = synced_run
+    (folder / "zebra" / "new.jpg").write_bytes((folder / "zebra" / "zebra_000.jpg").read_bytes())
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imgsim.sync, "_read", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sync_image_folder(store, folder, progress=False)
+    with pytest.raises(StaleInputs, match="did not finish .*run sync again"):
+        prepare_data(store, **SMALL)
+
+
+def test_query_images_removed_since_they_were_chosen_stop_rank(synced_run):
+    from imgsim.rank import set_query_images
+
+    from imgsim.train import score_images
+
+    folder, store = synced_run
+    new = folder / "zebra" / "new.jpg"  # an image outside the split, scored, chosen
+    new.write_bytes((folder / "argyle" / "argyle_002.jpg").read_bytes()[:-2] + b"\xff\xd9")
+    sync_image_folder(store, folder, progress=False)
+    featurize_images(store, progress=False)
+    score_images(store)
+    set_query_images(store, [{p: i for i, p, _, _ in store.image_info()}["zebra/new.jpg"]])
+    assert rank_candidates(store, 3)["queries"] == 1
+    new.unlink()
+    sync_image_folder(store, folder, progress=False)
+    with pytest.raises(StaleInputs, match="1 of the 1 query images chosen by run"):
+        rank_candidates(store)
+
+
+def test_a_ranking_that_lost_images_is_not_shown_as_current(synced_run, tmp_path):
+    from imgsim.train import score_images
+
+    folder, store = synced_run
+    copy = folder / "zebra" / "copy.jpg"  # outside the split, the nearest of a query's
+    query = store.split()[1][0]
+    path = {i: p for i, p, _, _ in store.image_info()}[query]
+    copy.write_bytes((folder / path).read_bytes())
+    sync_image_folder(store, folder, progress=False)
+    featurize_images(store, progress=False)
+    score_images(store)
+    rank_candidates(store, 3)
+    copy.unlink()
+    sync_image_folder(store, folder, progress=False)
+    html = write_report(store, tmp_path / "r.html").read_text()
+    assert "were removed by sync since: run rank again" in html
+
+
+def test_the_report_is_written_again_when_a_step_changes_what_it_shows(synced_run, tmp_path,
+                                                                      monkeypatch):
+    import imgsim.report
+
+    folder, store = synced_run
+    real, calls = imgsim.report._confusion_html, []
+
+    def prepare_meanwhile(s):
+        calls.append(1)
+        if len(calls) == 1:  # a prepare lands while the first copy is written
+            prepare_data(open_store(store.url), seed=9, **SMALL)
+        return real(s)
+
+    monkeypatch.setattr(imgsim.report, "_confusion_html", prepare_meanwhile)
+    html = write_report(store, tmp_path / "r.html").read_text()
+    assert len(calls) == 1 and "Confusion matrix" not in html  # the second copy: stale
+    assert "was trained on the split of prepare run" in html
+
+
+def test_files_the_listing_used_to_skip_are_recorded(small_folder, empty_store):
+    jpeg = (small_folder / "zebra" / "zebra_000.jpg").read_bytes()
+    (small_folder / "loose.jpg").write_bytes(jpeg)
+    (small_folder / "zebra" / "phone.jfif").write_bytes(jpeg)
+    (small_folder / "zebra" / "notes.txt").write_text("not an image")
+    (small_folder / "zebra" / "inner").symlink_to(small_folder / "argyle")
+    counts = sync_image_folder(empty_store, small_folder, progress=False)
+    assert counts["added"] == 13 and counts["ignored"] == 1 and counts["refused"] == 2
+    reasons = {p: r for p, _, r, _ in empty_store.image_error_rows()}
+    assert reasons == {"loose.jpg": "not in a category folder",
+                       "zebra/inner": "a link to a folder (not followed)"}
+
+
+def test_copies_in_one_batch_are_inferred_once(small_folder, empty_store):
+    jpeg = (small_folder / "argyle" / "argyle_000.jpg").read_bytes()
+    for n in range(3):  # in the first batch, beside their original
+        (small_folder / "argyle" / f"argyle_000_copy{n}.jpg").write_bytes(jpeg)
+    sync_image_folder(empty_store, small_folder, progress=False)
+    counts = featurize_images(empty_store, progress=False)
+    assert (counts["featurized"], counts["reused"]) == (12, 3)
+
+
+def test_messages_name_the_step_that_is_missing(empty_store, pipeline_store, tmp_path):
+    with pytest.raises(StaleInputs, match="no images: run sync first"):
+        prepare_data(empty_store)
+    with pytest.raises(ParameterError, match="sample_queries"):
+        write_report(pipeline_store, tmp_path / "r.html", sample_queries=-1)
+    runs = rows(pipeline_store, t.runs)
+    with pytest.raises(ValueError, match="cannot be read"):
+        rank_candidates(pipeline_store, query_table="no_such_table")
+    assert rows(pipeline_store, t.runs) == runs
+
+
+def test_members_of_the_admin_role_work_from_a_client_and_analysts_read(trust_db, tmp_path):
+    from conftest import as_role
+
+    with psycopg.connect(trust_db, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS dana")
+        conn.execute("CREATE ROLE dana LOGIN IN ROLE imgsim_admin")
+        conn.execute("DROP ROLE IF EXISTS reed")
+        conn.execute("CREATE ROLE reed LOGIN IN ROLE imgsim_analyst")
+        conn.execute("CALL imgsim.featurize_images()")
+    assert main(["--db", as_role(trust_db, "dana"), "--quiet", "prepare",
+                 "--max-query-imgs-per-subdir", "3", "--max-neg-imgs-per-query-img", "10"]) == 0
+    assert main(["--db", as_role(trust_db, "dana"), "--quiet", "train"]) == 0
+    assert main(["--db", as_role(trust_db, "reed"), "report", "--out",
+                 str(tmp_path / "r.html")]) == 0
+    assert main(["--db", as_role(trust_db, "reed"), "run", "--compute", "in-db",
+                 "--max-query-imgs-per-subdir", "3", "--max-neg-imgs-per-query-img", "10",
+                 "--report", str(tmp_path / "in.html"), "--chart", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_the_lock_of_a_client_outlives_the_servers_idle_timeout(trust_db):
+    with psycopg.connect(trust_db, autocommit=True) as conn:
+        conn.execute("ALTER ROLE postgres SET idle_session_timeout = '300ms'")
+    try:
+        holder = SQLAlchemyStore(trust_db)
+        with holder.lock():
+            deadline = time.monotonic() + 1.0  # the server would end idle sessions by now
+            while time.monotonic() < deadline:
+                pass
+            other = SQLAlchemyStore(trust_db)
+            with pytest.raises(Busy):
+                prepare_data(other)
+            other.close()
+        holder.close()
+    finally:
+        with psycopg.connect(trust_db, autocommit=True) as conn:
+            conn.execute("ALTER ROLE postgres RESET idle_session_timeout")
+
+
+def test_a_refused_rank_in_the_refresh_leaves_the_scores_it_kept(trust_db):
+    with psycopg.connect(trust_db, autocommit=True) as conn:
+        conn.execute("CALL imgsim.featurize_images()")
+        conn.execute("CALL imgsim.prepare_data(max_query_imgs_per_subdir => 3, "
+                     "max_neg_imgs_per_query_img => 10)")
+        conn.execute("CALL imgsim.train_classifier(kind => 'logistic')")
+        conn.execute("CALL imgsim.prepare_data(seed => 8, max_query_imgs_per_subdir => 3, "
+                     "max_neg_imgs_per_query_img => 10)")
+        before = conn.execute("SELECT max(id) FROM imgsim.runs").fetchone()[0]
+        with pytest.raises(errors.ObjectNotInPrerequisiteState, match="run train again"):
+            conn.execute("CALL imgsim.refresh()")
+        steps = conn.execute("SELECT step, status FROM imgsim.runs WHERE id > %s ORDER BY id",
+                             (before,)).fetchall()
+    assert steps == [("featurize_images", "succeeded"), ("score_images", "succeeded")]

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import traceback
+from pathlib import Path
 
 import psycopg
 from sqlalchemy.exc import DBAPIError
@@ -13,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from . import backbones, lineage, routines, serverenv
 from .checks import ParameterError
 from .deploy import DEFAULT_SERVER_VENV, deploy, drop_jobs, list_jobs, schedule_job, undeploy
-from .evaluate import DEFAULT_KS, evaluate_model
+from .evaluate import DEFAULT_KS, check_chart_path, evaluate_model, ranking_chart
 from .featurize import featurize_images
 from .finetune import DEFAULT_EPOCHS
 from .images import ImageError
@@ -250,6 +251,7 @@ def _run(args) -> int:
         print(routines.script(), end="")
         return 0
     if args.command == "run" and args.compute == "in-db":
+        check_chart_path(args.chart)
         if args.workers is not None:
             raise ParameterError("--workers is for --compute local: inside the database one "
                                  "thread decodes, within the DBA's memory setting")
@@ -268,6 +270,9 @@ def _run(args) -> int:
     weights = getattr(args, "weights", None)
     if args.command == "run" and args.compute == "in-db":
         _print_results_table(store)
+        evaluation = lineage.current_results(store)["evaluation"]
+        if args.chart and evaluation:
+            Path(args.chart).write_bytes(ranking_chart(store.metric_rows(evaluation[0])))
         print(f"report: {write_report(store, args.report).resolve()}")
         return 0
     if args.command == "sync":

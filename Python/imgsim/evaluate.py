@@ -128,7 +128,7 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
         params["feature_key"] = features_in_use(store, backbone, weights)
     key = params.get("feature_key")
     lineage.inputs(store, space, key)
-    with recorded(store, "evaluate_model", params) as run:  # no lock: see the check below
+    with recorded(store, "evaluate_model", params, with_results=True) as run:  # no lock
         yield
         used = lineage.inputs(store, space, key)
         lineage.check_evaluation_set(store, lineage.current_split(store))
@@ -139,8 +139,10 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
         row_of = {i: n for n, i in enumerate(ids.tolist())}
         missing = {int(i) for i in np.unique(pairs[:, :2]) if int(i) not in row_of}
         if missing:
+            again = ("train" if space == "scores" else
+                     f"featurize --backbone {key.split('-')[0]}")
             raise lineage.StaleInputs(f"{len(missing)} evaluation images have no {space} "
-                                      "vector: run train (or featurize) again")
+                                      f"vector: run {again}")
         a = matrix[[row_of[i] for i in pairs[:, 0].tolist()]]
         b = matrix[[row_of[i] for i in pairs[:, 1].tolist()]]
         results = []
@@ -155,7 +157,7 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
                 [(r["distance"], r["k"], r["accuracy"]) for r in results],
                 f"Ranking accuracy ({space})"))
         with store.transaction():
-            store.add_ranking_metrics(run.id, results)
+            store.add_ranking_metrics(run.start(), results)
             lineage.unchanged(store, used, space, key, True, "evaluation")
             run.succeed(**used, queries=int(len(ranks)), pairs=int(len(pairs)),
                         **{f"{r['distance']}_top{r['k']}": r["accuracy"] for r in results})

@@ -236,7 +236,7 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
                                          _load(store, key, batches[index + 1]))
                     _embed_and_store(store, featurizer, key, decoded, run, counts)
                     bar.update(len(batches[index]))
-                    run.progress(**counts)
+                    run.progress(force=True, **counts)
                     yield
             finally:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -281,7 +281,7 @@ def default_workers(store) -> int:
 
 def _wait(store, decoding):
     """The decoded batch, answering a cancel while the workers decode."""
-    reused_rows, todo, futures = decoding
+    reused_rows, todo, copies, futures = decoding
     arrays = []
     for (image_id, path, sha), future in zip(todo, futures):
         while True:
@@ -290,36 +290,49 @@ def _wait(store, decoding):
                 break
             except TimeoutError:
                 store.check_interrupts()
-    return reused_rows, arrays
+    return reused_rows, arrays, copies
 
 
 def _load(store, key, batch):
-    """Fetch one batch's bytes; take vectors of content already featurized instead."""
+    """Fetch one batch's bytes; take vectors of content already featurized instead, and
+    decode a content that the batch holds twice only once."""
     reused = store.vectors_by_sha(key, {sha for _, _, sha in batch})
-    todo = [(i, p, s) for i, p, s in batch if s not in reused]
+    todo, copies, seen = [], [], set()
+    for image_id, path, sha in batch:
+        if sha in reused:
+            continue
+        if sha in seen:
+            copies.append((image_id, path, sha))
+        else:
+            seen.add(sha)
+            todo.append((image_id, path, sha))
     data = store.image_data([i for i, _, _ in todo]) if todo else {}
-    return [(i, s, reused[s]) for i, _, s in batch if s in reused], todo, data
+    return [(i, s, reused[s]) for i, _, s in batch if s in reused], todo, copies, data
 
 
 def _decode(pool, featurizer, loaded):
-    """Start decoding a loaded batch on the pool: ``(reused rows, todo, futures)``."""
-    reused_rows, todo, data = loaded
+    """Start decoding a loaded batch on the pool: ``(reused rows, todo, copies, futures)``."""
+    reused_rows, todo, copies, data = loaded
     futures = [pool.submit(featurizer.prepare, data.pop(i)) for i, _, _ in todo]
-    return reused_rows, todo, futures
+    return reused_rows, todo, copies, futures
 
 
 def _embed_and_store(store, featurizer, key, decoded, run, counts):
-    reused_rows, arrays = decoded
+    reused_rows, arrays, copies = decoded
     good = [(i, s, a) for i, _, s, a in arrays if not isinstance(a, ImageError)]
+    failed = {s: str(a) for _, _, s, a in arrays if isinstance(a, ImageError)}
     errors = [{"run_id": run.id, "image_id": i, "path": p, "sha256": s, "step": STEP,
-               "reason": str(a)} for i, p, s, a in arrays if isinstance(a, ImageError)]
+               "reason": failed[s]} for i, p, s in
+              [(i, p, s) for i, p, s, _ in arrays] + copies if s in failed]
     rows = list(reused_rows)
     if good:
         vectors = featurizer.run(np.stack([a for _, _, a in good]))
         rows += [(i, s, to_blob(v)) for (i, s, _), v in zip(good, vectors)]
+    vector_of = {s: v for _, s, v in rows}
+    copied = [(i, s, vector_of[s]) for i, _, s in copies if s in vector_of]
     with store.transaction():
-        store.put_features(key, rows)
+        store.put_features(key, rows + copied)
         store.add_image_errors(errors)
     counts["featurized"] += len(good)
-    counts["reused"] += len(reused_rows)
+    counts["reused"] += len(reused_rows) + len(copied)
     counts["failed"] += len(errors)

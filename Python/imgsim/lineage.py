@@ -171,4 +171,9 @@ def current_results(store) -> dict:
             if chosen is not None:
                 found[name] = (chosen[0], chosen[6], chosen[7])
                 break
+    ranking = found["ranking"]
+    if ranking and store.ranking_row_count(ranking[0]) != ranking[2].get("rows"):
+        found["ranking"] = None
+        found["note"] = (f"images ranked by rank run {ranking[0]} were removed by sync "
+                         "since: run rank again")
     return found

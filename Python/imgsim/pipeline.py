@@ -30,8 +30,9 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
     backbone first when ``fine_tune``), evaluate, rank.
 
     Every parameter is checked before any step runs; the steps run under one lock, so
-    no other run's step comes between them, and each step's results are kept when a
-    later one fails. Returns each step's result under its name.
+    no other run's step comes between them, and each step's results are kept (committed,
+    with its record) before the next one starts, so a later failure takes none of them
+    back. Returns each step's result under its name.
     """
     checks.choice("backbone", backbone, sorted(SPECS))
     checks.ratio("ratio_train_test", ratio_train_test)
@@ -54,20 +55,25 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
     if image_folder is not None:
         store.readable_path(image_folder, "folder")
     results = {}
-    with store.lock():
+    with store.lock():  # each step's result and record are kept (yield) before the next
         if image_folder is not None:
             results["sync_image_folder"] = yield from sync_image_folder.stretches(
                 store, image_folder, replace, progress=progress)
+            yield
         results["featurize_images"] = yield from featurize_images.stretches(
             store, backbone, weights, progress=progress, workers=workers)
+        yield
         results["prepare_data"] = yield from prepare_data.stretches(
             store, backbone, weights, ratio_train_test, max_query_imgs_per_subdir,
             max_neg_imgs_per_query_img, seed, keep_conflicts)
+        yield
         results["train_classifier"] = yield from train_classifier.stretches(
             store, backbone, weights, kind, seed, fine_tune, epochs, progress)
+        yield
         # evaluate and rank use the features the classifier was just trained on
         results["evaluate_model"] = yield from evaluate_model.stretches(
             store, ks, space, chart_path=chart_path)
+        yield
         results["rank_candidates"] = yield from rank_candidates.stretches(
             store, top_k_candidates, space)
     return results
@@ -83,15 +89,18 @@ def refresh(store, top_k_candidates: int = 10, space: str = "scores") -> dict:
     if train is None:
         raise lineage.StaleInputs("no classifier has been trained yet: nothing to refresh")
     results = {}
-    with store.lock():
+    with store.lock():  # each step's result and record are kept (yield) before the next
         # the graphs stored when the classifier was trained: no file is read again
         base, key = train[1]["feature_key"], features_in_use(store)
         results["featurize_images"] = yield from featurize_images.stretches(
             store, model=base, progress=False)
+        yield
         if key != base:  # a fine-tuned backbone's features too
             results["featurize_tuned"] = yield from featurize_images.stretches(
                 store, model=key, progress=False)
+            yield
         results["score_images"] = yield from score_images.stretches(store)
+        yield
         results["rank_candidates"] = yield from rank_candidates.stretches(
             store, top_k_candidates, space)
     return results

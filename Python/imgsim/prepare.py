@@ -133,6 +133,13 @@ def split_train_test(ids, categories, ratio_train_test: float = 0.75,
         n_free_train = min(max(n_train - forced_train, 0), len(free))
         for j, content in enumerate(free):
             to_train[content] = j < n_free_train
+        if not any(to_train[content] for content in order):
+            left_out.append({"category": category,
+                             "images": sum(len(m) for m in members.values()),
+                             "reason": "nothing left to train on: each of its contents is "
+                                       "also filed under another category, whose draw put it "
+                                       "on the test side (keep_conflicts)"})
+            continue
         for content in order:
             (train if to_train[content] else test).extend(members[content])
     return (np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(test, dtype=np.int64)),
@@ -286,6 +293,13 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
               "keep_conflicts": keep_conflicts}
     with store.lock(), recorded(store, "prepare_data", params, seed) as run:
         yield
+        synced = store.run_rows("sync_image_folder", limit=1)
+        if synced and synced[0][2] != "succeeded":
+            raise lineage.StaleInputs(
+                f"the last sync (run {synced[0][0]}) did not finish ({synced[0][2]}): the "
+                "images table may mirror its folder only in part; run sync again")
+        if not store.image_index():
+            raise lineage.StaleInputs("there are no images: run sync first")
         ids, categories, _ = store.feature_matrix(key)
         if len(ids) == 0:
             raise ValueError(f"no image has features for {key}: run featurize first")

@@ -2,7 +2,10 @@
 
 Similarity is cosine, computed one block of queries at a time as a single matrix
 product against all (unit-normalised) candidates, followed by a partial sort
-(``argpartition``) of each row; ties are broken by candidate id. The query itself
+(``argpartition``) of each row; ties are broken by candidate id. Stored rankings are
+exact, the same on a client and in the server; ``similar_images`` on one new image uses
+pgvector's HNSW index in feature space where the server has it (approximate: recall@10
+0.993 in bench/RESULTS.md). The query itself
 is excluded unless ``include_self``. The ranking space is the classifier's score
 vectors (the template's) or the backbone features.
 """
@@ -133,11 +136,19 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
         params["feature_key"] = features_in_use(store, backbone, weights)
     key = params.get("feature_key")
     lineage.inputs(store, space, key, need_split=False)
-    with recorded(store, "rank_candidates", params) as run:  # no lock: see the check below
+    store.query_ids(query_table)  # a table that cannot be read is refused here
+    with recorded(store, "rank_candidates", params, with_results=True) as run:  # no lock
         yield
         query_ids = store.query_ids(query_table)
-        from_split = query_table == "query_images" and not store.query_ids(query_table,
-                                                                          fallback=False)
+        chosen = store.query_ids(query_table, fallback=False)
+        from_split = query_table == "query_images" and not chosen
+        if query_table == "query_images":
+            choice = store.last_run("set_query_images")
+            if choice is not None and choice[2].get("queries", 0) != len(chosen):
+                raise lineage.StaleInputs(
+                    f"{choice[2]['queries'] - len(chosen)} of the {choice[2]['queries']} query "
+                    f"images chosen by run {choice[0]} were removed by sync: choose them again "
+                    "(set_query_images; an empty list ranks the test images)")
         used = lineage.inputs(store, space, key, from_split)
         ids, matrix = space_vectors(store, space, key)
         if len(ids) == 0:
@@ -151,39 +162,26 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
         query_ids = [i for i in query_ids if i in row_of]
         if not query_ids:
             raise ValueError("no query image has a vector: fill query_images or run prepare")
-        search = "hnsw" if space == "features" and store.has_vectors() else "exact"
         block = settings.budget(store).ranking_block(len(ids))
         written = 0
         with store.transaction():  # results stream out a block of queries at a time
+            run.start()
             for start in range(0, len(query_ids), block):
                 store.check_interrupts()
                 chunk = query_ids[start:start + block]
-                queries = matrix[[row_of[i] for i in chunk]]
-                if search == "hnsw":
-                    rows = _index_top_k(store, key, chunk, queries, top_k, include_self)
-                else:
-                    indices, distances = top_k_cosine(
-                        queries, matrix, top_k, None if include_self else np.array(chunk),
-                        None if include_self else ids, block=block)
-                    rows = [(q, r + 1, int(ids[c]), float(d)) for q, idx, dist in
-                            zip(chunk, indices, distances)
-                            for r, (c, d) in enumerate(zip(idx, dist))]
+                indices, distances = top_k_cosine(
+                    matrix[[row_of[i] for i in chunk]], matrix, top_k,
+                    None if include_self else np.array(chunk),
+                    None if include_self else ids, block=block)
+                rows = [(q, r + 1, int(ids[c]), float(d)) for q, idx, dist in
+                        zip(chunk, indices, distances)
+                        for r, (c, d) in enumerate(zip(idx, dist))]
                 store.add_ranking_results(run.id, rows)
                 written += len(rows)
             lineage.unchanged(store, used, space, key, from_split, "ranking")
             run.succeed(**used, queries=len(query_ids), candidates=len(ids), rows=written,
-                        search=search, queries_without_vectors=len(without))
+                        search="exact", queries_without_vectors=len(without))
     return {"run_id": run.id, **run.counts}
-
-
-def _index_top_k(store, key, query_ids, queries, k, include_self):
-    """Top-k by the pgvector HNSW index: one index scan per query."""
-    rows = []
-    for query_id, vector in zip(query_ids, queries):
-        found = store.nearest_features(key, vector, k + (0 if include_self else 1))
-        found = [(c, d) for c, d in found if include_self or c != query_id][:k]
-        rows += [(query_id, r + 1, int(c), float(d)) for r, (c, d) in enumerate(found)]
-    return rows
 
 
 @stepwise

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import lineage
+from . import checks, lineage
 from .evaluate import ranking_chart
 from .images import ImageError, thumbnail
 
@@ -42,11 +42,32 @@ def confusion(labels, predicted, classes) -> np.ndarray:
 
 
 def write_report(store, path="imgsim_report.html", sample_queries: int = 8) -> Path:
-    """Write the HTML report to ``path`` and return the path."""
+    """Write the HTML report to ``path`` and return the path.
+
+    The report takes no lock: it is written again if a step changed the results it
+    shows while it read them (and refused if that keeps happening)."""
+    sample_queries = checks.count("sample_queries", sample_queries, 0)
+    for _ in range(3):
+        results = lineage.current_results(store)
+        html = _html(store, results, sample_queries)
+        if _seen(lineage.current_results(store)) == _seen(results):
+            path = Path(path)
+            path.write_text(html, encoding="utf-8")
+            return path
+    raise lineage.StaleInputs("the results kept changing while the report was written "
+                              "(steps are running): write it again when they have finished")
+
+
+def _seen(results) -> tuple:
+    """What a report shows of ``results``: which runs, or why none."""
+    return tuple(results[k] and results[k][0] for k in ("split", "train", "evaluation",
+                                                         "ranking")) + (results["note"],)
+
+
+def _html(store, results, sample_queries: int) -> str:
     parts = [f"<!doctype html><meta charset='utf-8'><title>imgsim report</title>"
              f"<style>{STYLE}</style><h1>imgsim report</h1>"
              f"<p>Written {dt.datetime.now().isoformat(timespec='seconds')}.</p>"]
-    results = lineage.current_results(store)
     parts.append(_lineage_html(results))
     train = results["train"]
     if train:
@@ -72,9 +93,7 @@ def write_report(store, path="imgsim_report.html", sample_queries: int = 8) -> P
     ranking = results["ranking"]
     if ranking:
         parts.append(_ranking_html(store, ranking, sample_queries))
-    path = Path(path)
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return "\n".join(parts)
 
 
 def _space(params) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -29,7 +30,8 @@ from tqdm import tqdm
 from . import checks
 from .runs import recorded, stepwise
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
+                  ".webp"}
 # (.tif files are synced, and then recorded as not decoded by featurize: see images.py)
 MAX_FILE_BYTES = 100 << 20
 STRETCH_FILES = 200
@@ -41,49 +43,72 @@ def shown(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "replace")
 
 
-def list_image_files(folder: Path) -> tuple[list[tuple[str, str, Path]], list[tuple[str, str]]]:
-    """Image files under ``folder``'s category sub-folders, without following links out.
+@dataclass
+class Listing:
+    """What a folder holds: image files to store, files and folders that cannot be stored
+    (with the reason), folders that could not be listed, and how many other files were
+    left alone (their names do not end in an image suffix)."""
 
-    Returns ``(found, refused)``: ``(relative path, category, path)`` of every image file,
-    sorted, and ``(relative path, reason)`` of the files and folders that cannot be
-    stored (names that are not UTF-8, links leading outside ``folder``)."""
+    found: list = field(default_factory=list)  # (relative path, category, path)
+    refused: list = field(default_factory=list)  # (relative path, reason)
+    unlisted: list = field(default_factory=list)  # relative paths of folders
+    ignored: int = 0
+
+
+def list_image_files(folder: Path) -> Listing:
+    """Image files under ``folder``'s category sub-folders, without following links out,
+    sorted."""
     root = os.path.realpath(folder)
-    found, refused = [], []
+    listing = Listing()
+
+    def unlistable(error):  # a folder the process may not read: its images are kept
+        listing.unlisted.append(os.path.relpath(error.filename, root).replace(os.sep, "/"))
+        listing.refused.append((shown(listing.unlisted[-1]),
+                                f"cannot list the folder: {error.strerror}"))
+
     for top in sorted(os.scandir(root), key=lambda e: e.name):
         if not top.is_dir():
+            if Path(top.name).suffix.lower() in IMAGE_SUFFIXES:
+                listing.refused.append((shown(top.name), "not in a category folder"))
             continue
         if top.is_symlink() and not _inside(top.path, root):
-            refused.append((shown(top.name), "a link to a folder outside the synced folder"))
+            listing.refused.append((shown(top.name),
+                                    "a link to a folder outside the synced folder"))
             continue
-        for directory, subdirs, files in os.walk(top.path):
+        for directory, subdirs, files in os.walk(top.path, onerror=unlistable):
             subdirs.sort()
             for name in subdirs:
                 full = os.path.join(directory, name)
-                if os.path.islink(full) and not _inside(full, root):
-                    refused.append((shown(os.path.relpath(full, root)),
-                                    "a link to a folder outside the synced folder"))
+                if os.path.islink(full):
+                    listing.refused.append((shown(os.path.relpath(full, root)),
+                                            "a link to a folder outside the synced folder"
+                                            if not _inside(full, root) else
+                                            "a link to a folder (not followed)"))
             for name in sorted(files):
                 full = os.path.join(directory, name)
                 rel = os.path.relpath(full, root).replace(os.sep, "/")
                 if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                    listing.ignored += 1
                     continue
                 try:
                     rel.encode("utf-8")
                 except UnicodeEncodeError:
-                    refused.append((shown(rel), "the file name is not valid UTF-8: rename it"))
+                    listing.refused.append((shown(rel),
+                                            "the file name is not valid UTF-8: rename it"))
                     continue
                 if os.path.islink(full) and not _inside(full, root):
-                    refused.append((rel, "a link to a file outside the synced folder"))
+                    listing.refused.append((rel, "a link to a file outside the synced folder"))
                     continue
                 try:
                     regular = stat.S_ISREG(os.stat(full).st_mode)
                 except OSError:
                     regular = True  # unreadable: recorded when it is read
                 if not regular:
-                    refused.append((rel, "not a regular file (a pipe, device or socket)"))
+                    listing.refused.append((rel, "not a regular file (a pipe, device or "
+                                                 "socket)"))
                     continue
-                found.append((rel, rel.split("/", 1)[0], Path(full)))
-    return found, refused
+                listing.found.append((rel, rel.split("/", 1)[0], Path(full)))
+    return listing
 
 
 def _inside(path: str, root: str) -> bool:
@@ -133,7 +158,8 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
         and everything derived from them, are then removed).
 
     Returns counts: ``added``, ``changed``, ``unchanged``, ``removed``, ``unreadable``,
-    ``refused``.
+    ``refused`` (recorded in image_errors), ``ignored`` (files whose names do not end in an
+    image suffix).
 
     Example
     -------
@@ -146,8 +172,8 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     root = os.path.realpath(folder)
-    files, refused = list_image_files(Path(root))
-    if not files:
+    listing = list_image_files(Path(root))
+    if not listing.found and not listing.unlisted:
         raise ValueError(f"{folder} holds no images in category sub-folders "
                          f"(expected {folder}/<category>/<image>)")
     with store.lock():
@@ -159,18 +185,19 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
                 f"the images table mirrors {mirrored} ({len(known)} images); "
                 f"syncing {root} would remove them and everything derived from them: "
                 "pass replace (--replace) to mirror the new folder instead")
-        return (yield from _mirror(store, root, replace, files, refused, known, progress))
+        return (yield from _mirror(store, root, replace, listing, known, progress))
 
 
-def _mirror(store, root, replace, files, refused, known, progress):
+def _mirror(store, root, replace, listing, known, progress):
     """The recorded part of a sync (see :func:`sync_image_folder`)."""
+    files = listing.found
     with recorded(store, STEP, {"folder": root, "replace": replace}) as run:
         yield
         counts = dict.fromkeys(("added", "changed", "unchanged", "removed", "unreadable",
                                 "refused"), 0)
-        counts["refused"] = len(refused)
+        counts.update(refused=len(listing.refused), ignored=listing.ignored)
         errors = [{"run_id": run.id, "path": path, "step": STEP, "reason": reason}
-                  for path, reason in refused]
+                  for path, reason in listing.refused]
         bar = tqdm(total=len(files), desc="sync", unit="file", disable=not progress)
         shared_only = store.shared_only()
         for start in range(0, len(files), STRETCH_FILES):
@@ -194,11 +221,13 @@ def _mirror(store, root, replace, files, refused, known, progress):
                     store.add_image(rel, category, sha, data)
                     counts["changed" if old is not None else "added"] += 1
             bar.update(len(files[start:start + STRETCH_FILES]))
-            run.progress(**counts)
+            run.progress(force=True, **counts)
             yield
         bar.close()
         present = {rel for rel, _, _ in files}
-        gone = [image_id for rel, (image_id, _, _) in known.items() if rel not in present]
+        kept = tuple(folder + "/" for folder in listing.unlisted)  # not seen: not removed
+        gone = [image_id for rel, (image_id, _, _) in known.items()
+                if rel not in present and not rel.startswith(kept)]
         counts["removed"] = len(gone)
         with store.transaction():
             store.delete_images(gone)

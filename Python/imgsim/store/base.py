@@ -232,6 +232,13 @@ class Store:
                 status="running", counts={}, started_by=self.who()).returning(t.runs.c.id))
         return int(result)
 
+    def record_failed_run(self, step, parameters, seed, status, error, counts) -> None:
+        """A finished row for a step that failed before its own row was kept."""
+        with self.transaction():
+            self._write(insert(t.runs).values(
+                step=step, parameters=parameters, seed=seed, started=now(), finished=now(),
+                status=status, counts=counts, error=error, started_by=self.who()))
+
     def running_runs(self) -> list[tuple]:
         """``(id, step, started, started_by)`` of runs recorded as running."""
         c = t.runs.c
@@ -382,13 +389,16 @@ class Store:
         distance = cast(fv.embedding, t.Vector(dim, schema)).op(
             t.vector_operator(schema, "<=>"), return_type=Float)(target)
         dims = getattr(func, schema).vector_dims(fv.embedding)
-        with self.transaction():
-            self._fetch(select(func.set_config("hnsw.ef_search", str(max(ef_search, k)), True)))
-            return self._fetch(
+        with self.transaction():  # iterative scans: k rows even where the index alone
+            self._fetch(select(func.set_config("hnsw.ef_search",  # would find fewer
+                                               str(max(ef_search, 2 * k)), True)))
+            self._fetch(select(func.set_config("hnsw.iterative_scan", "relaxed_order", True)))
+            found = self._fetch(
                 select(fv.image_id, distance)
                 .where(fv.backbone == key,
                        dims == bindparam("dim", dim, literal_execute=True))
                 .order_by(distance).limit(k))
+        return sorted(found, key=lambda row: (row[1], row[0]))  # relaxed order: sorted here
 
     def backfill_embeddings(self) -> int:
         """Fill the pgvector column of features stored before pgvector was installed."""
@@ -518,6 +528,10 @@ class Store:
             self._write(insert(t.ranking_results), [
                 {"run_id": run_id, "query_id": q, "rank": r, "candidate_id": c,
                  "distance": d} for q, r, c, d in rows])
+
+    def ranking_row_count(self, run_id: int) -> int:
+        c = t.ranking_results.c
+        return self._fetch(select(func.count()).where(c.run_id == run_id))[0][0]
 
     def ranking_rows(self, run_id: int, query_ids=None) -> list[tuple]:
         c = t.ranking_results.c

@@ -101,6 +101,7 @@ class PlpyStore(Store):
         self._depth = 0
         self._plans = {}
         self._started = []
+        self._failed = []
         self._token = None
         self._last_check = time.monotonic()
 
@@ -228,10 +229,14 @@ class PlpyStore(Store):
         self._started.append(run_id)
         return run_id
 
+    def record_failed_run(self, step, parameters, seed, status, error, counts) -> None:
+        # inside the failing stretch, which is rolled back: kept for record_failure
+        self._failed.append((step, parameters, seed, status, error, counts))
+
     def record_failure(self, exc: BaseException) -> None:
         """After a stretch failed and its writes were rolled back: mark the runs this
-        store started and that are still running as failed (or interrupted), and let go
-        of the lock."""
+        store started and that are still running as failed (or interrupted), record the
+        steps that failed before their row was kept, and let go of the lock."""
         from ..runs import interrupted
 
         self._release()
@@ -242,3 +247,6 @@ class PlpyStore(Store):
                                              t.runs.c.status == "running").values(
                 status="interrupted" if interrupted(exc) else "failed", finished=now(),
                 error=f"{type(exc).__name__}: {message}"))
+        failed, self._failed = self._failed, []
+        for row in failed:
+            super().record_failed_run(*row)

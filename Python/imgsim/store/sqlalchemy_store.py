@@ -7,7 +7,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SAWarning
 from sqlalchemy.schema import CreateColumn, CreateSchema
@@ -62,7 +62,8 @@ class SQLAlchemyStore(Store):
 
     def __init__(self, url: str = DEFAULT_URL):
         self.url = url = check_url(url)
-        engine = create_engine(url)
+        engine = create_engine(url, pool_pre_ping=True)  # a connection the server dropped
+        # while idle (idle_session_timeout, a firewall) is replaced, not used
         self.dialect_name = engine.dialect.name
         if self.dialect_name == "sqlite":
             engine = engine.execution_options(
@@ -108,10 +109,12 @@ class SQLAlchemyStore(Store):
         """Create missing tables, and add the nullable columns that later versions of
         imgsim added to existing ones (so an upgraded database keeps its data)."""
         with self.engine.begin() as connection:
-            if self.dialect_name != "sqlite":
-                for schema in (tables.SCHEMA, tables.PRIVATE):
-                    connection.execute(CreateSchema(schema, if_not_exists=True))
-            tables.metadata.create_all(connection)
+            inspector = inspect(connection)
+            if self.dialect_name != "sqlite":  # only what is missing: a client of a deployed
+                for schema in (tables.SCHEMA, tables.PRIVATE):  # database needs no rights
+                    if not inspector.has_schema(schema):  # to create anything
+                        connection.execute(CreateSchema(schema))
+            tables.metadata.create_all(connection, checkfirst=True)
             inspector = inspect(connection)
             preparer = connection.dialect.identifier_preparer
             for table in tables.metadata.sorted_tables:
@@ -132,7 +135,8 @@ class SQLAlchemyStore(Store):
             return self._flock()
         connection = self.engine.connect()  # held for the step: the lease's token is its own
         self._connection = connection
-        try:
+        try:  # idle while the step works: not to be ended as idle by the server
+            connection.execute(text("SET idle_session_timeout = 0"))
             token = self._lease_acquire()
             connection.commit()
         except OperationalError as exc:
