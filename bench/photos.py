@@ -37,7 +37,7 @@ def make(out: Path) -> dict:
         kind = "png" if n % 80 == 0 else "jpeg"
         size = (2560, 1600) if kind == "png" else ((3024, 4032) if portrait else (4032, 3024))
         big = np.asarray(image.resize(size, Image.BICUBIC), dtype=np.float32)
-        big += rng.normal(0, 3, big.shape).astype(np.float32)
+        big += rng.normal(0, 6, big.shape).astype(np.float32)
         photo = Image.fromarray(np.clip(big, 0, 255).astype(np.uint8))
         target = out / kind / path.parent.name
         target.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,10 @@ def onnx_session(graph: bytes, threads: int | None = None):
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Idle threads sleep instead of spinning: the cores go to the threads decoding the
+    # next batch meanwhile (measured: 12-megapixel photos 33 img/s against 29, the
+    # reference set unchanged, on 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     with signals_blocked():  # ONNX Runtime's thread pool starts here
         return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
