@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from imgsim.rank import top_k_cosine
 
@@ -44,3 +45,25 @@ def test_ties_go_to_the_lower_candidate_also_at_the_kth_place():
     mixed = np.array([[1, 0]] * 10 + [[0, 1]] * 10 + [[1, 1]] * 3, dtype=float)
     index, _ = top_k_cosine([[1.0, 0.0], [0.0, 1.0]], mixed, k=12)
     assert index.tolist() == [list(range(10)) + [20, 21], list(range(10, 20)) + [20, 21]]
+
+
+def test_similar_to_a_stored_image_and_filters(pipeline_store):
+    from imgsim import checks
+    from imgsim.rank import similar_images, similar_to
+
+    ids, categories, _, _ = pipeline_store.score_matrix()
+    image_id, category = int(ids[0]), categories[0]
+    rows = similar_to(pipeline_store, image_id, k=5)
+    assert image_id not in [r[0] for r in rows] and len(rows) == 5
+    assert [r[3] for r in rows] == sorted(r[3] for r in rows)
+    other = next(c for c in categories if c != category)
+    only = similar_to(pipeline_store, image_id, k=3, category=other)
+    assert len(only) == 3 and {r[2] for r in only} == {other}
+    near = similar_to(pipeline_store, image_id, k=50, max_distance=0.01)
+    assert all(r[3] <= 0.01 for r in near) and len(near) < 50
+    data = pipeline_store.image_data([image_id])[image_id]
+    assert similar_images(pipeline_store, data, k=1, category=other)[0][2] == other
+    with pytest.raises(checks.UnknownImage):
+        similar_to(pipeline_store, 999999)
+    with pytest.raises(checks.ParameterError, match="max_distance"):
+        similar_to(pipeline_store, image_id, max_distance=3)

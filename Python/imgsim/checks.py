@@ -14,6 +14,21 @@ class ParameterError(ValueError):
     """A parameter outside its allowed range or set."""
 
 
+class UnknownImage(ParameterError):
+    """An image id that is not in the images table."""
+
+
+def distance(name: str, value) -> float:
+    """A cosine distance: a number from 0 to 2."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{name} must be a number from 0 to 2; got {value!r}") from None
+    if not 0.0 <= value <= 2.0:
+        raise ParameterError(f"{name} must be from 0 to 2; got {value}")
+    return value
+
+
 def ratio(name: str, value) -> float:
     """A number strictly between 0 and 1."""
     try:

@@ -81,6 +81,29 @@ def ranking_chart(metrics: list[tuple], title: str = "Ranking accuracy") -> byte
     return buffer.getvalue()
 
 
+def query_ranks(store, space: str = "scores", feature_key: str | None = None,
+                distance: str = "cosine"):
+    """``(query ids, positive ids, ranks)`` of the evaluation set: the rank of each query's
+    positive among its candidates by ``distance`` in ``space`` (ties count against it)."""
+    pairs = np.array(store.evaluation_pairs(), dtype=np.int64).reshape(-1, 3)
+    if len(pairs) == 0:
+        raise lineage.StaleInputs("evaluation_images is empty: run prepare first")
+    ids, _, matrix = space_vectors(store, space, feature_key)
+    row_of = {i: n for n, i in enumerate(ids.tolist())}
+    missing = {int(i) for i in np.unique(pairs[:, :2]) if int(i) not in row_of}
+    if missing:
+        again = ("train" if space == "scores" else
+                 f"featurize --backbone {feature_key.split('-')[0]}")
+        raise lineage.StaleInputs(f"{len(missing)} evaluation images have no {space} "
+                                  f"vector: run {again}")
+    a = matrix[[row_of[i] for i in pairs[:, 0].tolist()]]
+    b = matrix[[row_of[i] for i in pairs[:, 1].tolist()]]
+    ranks = positive_ranks(pairs[:, 0], pair_distances(a, b, distance), pairs[:, 2])
+    positives = pairs[pairs[:, 2] == 1]
+    order = np.argsort(positives[:, 0], kind="stable")
+    return positives[order, 0], positives[order, 1], ranks
+
+
 def check_chart_path(chart_path) -> None:
     """A chart path whose folder exists (checked before any step runs)."""
     if chart_path is not None and not Path(chart_path).resolve().parent.is_dir():
@@ -132,22 +155,9 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
         yield
         used = lineage.inputs(store, space, key)
         lineage.check_evaluation_set(store, lineage.current_split(store))
-        pairs = np.array(store.evaluation_pairs(), dtype=np.int64).reshape(-1, 3)
-        if len(pairs) == 0:
-            raise lineage.StaleInputs("evaluation_images is empty: run prepare first")
-        ids, matrix = space_vectors(store, space, params.get("feature_key"))
-        row_of = {i: n for n, i in enumerate(ids.tolist())}
-        missing = {int(i) for i in np.unique(pairs[:, :2]) if int(i) not in row_of}
-        if missing:
-            again = ("train" if space == "scores" else
-                     f"featurize --backbone {key.split('-')[0]}")
-            raise lineage.StaleInputs(f"{len(missing)} evaluation images have no {space} "
-                                      f"vector: run {again}")
-        a = matrix[[row_of[i] for i in pairs[:, 0].tolist()]]
-        b = matrix[[row_of[i] for i in pairs[:, 1].tolist()]]
         results = []
         for distance in DISTANCES:
-            ranks = positive_ranks(pairs[:, 0], pair_distances(a, b, distance), pairs[:, 2])
+            ranks = query_ranks(store, space, key, distance)[2]
             for k, accuracy in topk_accuracy(ranks, ks).items():
                 results.append({"distance": distance, "k": k, "accuracy": accuracy,
                                 "mean_rank": float(np.mean(ranks)),
@@ -159,6 +169,6 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
         with store.transaction():
             store.add_ranking_metrics(run.start(), results)
             lineage.unchanged(store, used, space, key, True, "evaluation")
-            run.succeed(**used, queries=int(len(ranks)), pairs=int(len(pairs)),
+            run.succeed(**used, queries=int(len(ranks)), pairs=store.evaluation_pair_count(),
                         **{f"{r['distance']}_top{r['k']}": r["accuracy"] for r in results})
     return results

@@ -31,7 +31,7 @@ from .featurize import featurize_images
 from .images import ImageError
 from .pipeline import refresh, run_image_similarity
 from .prepare import prepare_data
-from .rank import rank_candidates, set_query_images, similar_images
+from .rank import rank_candidates, set_query_images, similar_images, similar_to
 from .store.base import Busy
 from .store.plpy_store import PlpyStore
 from .sync import sync_image_folder
@@ -66,6 +66,7 @@ STEPS = {
         store, **kw, progress=False),
     "refresh": refresh.stretches,
     "similar_images": _query(similar_images),
+    "similar_to": _query(similar_to),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -87,14 +88,15 @@ def _best_of_rows(sims: np.ndarray, k: int):
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_sims, order, axis=1)
 
 
-def space_vectors(store, space: str, key: str | None):
-    """``(ids, matrix)`` of every image's vector in ``space``: the classifier's scores, or
-    the features kept under ``key``."""
+def space_vectors(store, space: str, key: str | None, ids=None):
+    """``(ids, categories, matrix)`` of every image's vector in ``space`` (of images
+    ``ids`` only, when given): the classifier's scores, or the features kept under
+    ``key``."""
     if space == "scores":
-        ids, _, _, matrix = store.score_matrix()
+        found, categories, _, matrix = store.score_matrix(ids)
     else:
-        ids, _, matrix = store.feature_matrix(key)
-    return ids, matrix
+        found, categories, matrix = store.feature_matrix(key, ids)
+    return found, categories, matrix
 
 
 def check_k(name: str, k) -> int:
@@ -150,7 +152,7 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
                     f"images chosen by run {choice[0]} were removed by sync: choose them again "
                     "(set_query_images; an empty list ranks the test images)")
         used = lineage.inputs(store, space, key, from_split)
-        ids, matrix = space_vectors(store, space, key)
+        ids, _, matrix = space_vectors(store, space, key)
         if len(ids) == 0:
             raise lineage.StaleInputs(f"no image has {space}: run train (or featurize) first")
         row_of = {i: n for n, i in enumerate(ids.tolist())}
@@ -222,30 +224,19 @@ def _cached(name: str, digest: str, load, build):
     return _SESSIONS[key]
 
 
-def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> list[tuple]:
-    """The ``k`` stored images most similar to a new ``image`` (bytes), by cosine distance.
+@dataclass
+class Query:
+    """A new image as the current classifier sees it: its vector in ``space``, its
+    predicted category and that category's probability."""
 
-    The image is featurized with the backbone the current classifier was trained on and
-    scored by that classifier, then ranked against every scored (or featurized) image.
-    A query: it writes nothing (so it runs in a read-only transaction and on a standby)
-    and takes no lock. Returns ``(image_id, path, category, distance)`` rows, nearest
-    first.
+    vector: np.ndarray
+    predicted: str
+    probability: float
+    feature_key: str
 
-    Example
-    -------
-    >>> similar_images(store, open("shirt.jpg", "rb").read(), k=3)  # doctest: +SKIP
-    [(17, 'striped/s1.jpg', 'striped', 0.0004), ...]
-    """
-    from .featurize import Featurizer, prepare_answering
-    from .train import Classifier
 
-    k = check_k("k", k)
-    checks.choice("space", space, SPACES)
-    if not isinstance(image, (bytes, bytearray, memoryview)):
-        raise checks.ParameterError("image must be the bytes of an image file")
-    if len(image) > MAX_FILE_BYTES:
-        raise checks.ParameterError(f"image is {len(image) >> 20} MB, over the limit of "
-                                    f"{MAX_FILE_BYTES >> 20} MB")
+def _current_models(store):
+    """The current classifier's name and metadata and the digests of its graphs."""
     train = store.last_run("train_classifier")
     if train is None:
         raise lineage.StaleInputs("no classifier has been trained: run train first")
@@ -255,29 +246,107 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores") -> l
         raise lineage.StaleInputs(f"classifier {model_name} is not in the models table: "
                                   "run train again")
     meta = digests[model_name][1]
+    digests.update(store.model_digests([meta["feature_key"]]))
+    if meta["feature_key"] not in digests:
+        raise lineage.StaleInputs(f"backbone graph {meta['feature_key']} is not in the models "
+                                  "table: featurize first")
+    return model_name, meta, digests
+
+
+def query(store, image: bytes, space: str = "scores") -> Query:
+    """Featurize and score one new ``image`` (bytes) with the current classifier's graphs
+    (kept per process, by their SHA-256, so that only a first call reads them)."""
+    from .featurize import Featurizer, prepare_answering
+    from .train import Classifier
+
+    checks.choice("space", space, SPACES)
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise checks.ParameterError("image must be the bytes of an image file")
+    if len(image) > MAX_FILE_BYTES:
+        raise checks.ParameterError(f"image is {len(image) >> 20} MB, over the limit of "
+                                    f"{MAX_FILE_BYTES >> 20} MB")
+    model_name, meta, digests = _current_models(store)
     key = meta["feature_key"]
-    digests.update(store.model_digests([key]))
-    if key not in digests:
-        raise lineage.StaleInputs(f"backbone graph {key} is not in the models table: "
-                                  "featurize first")
-    budget = settings.budget(store)
     featurizer = _cached(key, digests[key][0], lambda n: store.load_model(n)[0],
                          lambda graph: Featurizer(graph))
-    featurizer.max_decode_bytes = budget.decode_bytes
+    featurizer.max_decode_bytes = settings.budget(store).decode_bytes
     array = prepare_answering(store, featurizer, bytes(image))
     if not isinstance(array, np.ndarray):
         raise array
-    vector = featurizer.run(array[None])[0]
-    if space == "scores":
-        classifier = _cached(model_name, digests[model_name][0],
-                             lambda n: store.load_model(n)[0],
-                             lambda graph: Classifier(graph, meta["classes"]))
-        vector = classifier.predict(vector[None])[1][0]
+    features = featurizer.run(array[None])[0]
+    classifier = _cached(model_name, digests[model_name][0], lambda n: store.load_model(n)[0],
+                         lambda graph: Classifier(graph, meta["classes"]))
+    labels, scores = classifier.predict(features[None])
+    return Query(scores[0] if space == "scores" else features, labels[0],
+                 float(scores[0].max()), key)
+
+
+def nearest(store, vector, k: int = 10, space: str = "scores", feature_key: str | None = None,
+            category: str | None = None, max_distance: float | None = None,
+            exclude: int | None = None) -> list[tuple]:
+    """The ``k`` stored images nearest ``vector`` in ``space`` by cosine distance:
+    ``(image_id, path, category, distance)`` rows, nearest first, of ``category`` only
+    when given, no farther than ``max_distance`` when given, without image ``exclude``.
+    Exact, or through pgvector's index in feature space where the server has it."""
+    k = check_k("k", k)
+    checks.choice("space", space, SPACES)
+    if category is not None and not isinstance(category, str):
+        raise checks.ParameterError(f"category must be text; got {category!r}")
+    if max_distance is not None:
+        max_distance = checks.distance("max_distance", max_distance)
     if space == "features" and store.has_vectors():
-        found = [(int(i), float(d)) for i, d in store.nearest_features(key, vector, k)]
+        found = store.nearest_features(feature_key, vector, k, category=category,
+                                       max_distance=max_distance, exclude=exclude)
     else:
-        ids, matrix = space_vectors(store, space, key)
-        indices, distances = top_k_cosine(vector[None], matrix, k)
-        found = [(int(ids[i]), float(d)) for i, d in zip(indices[0], distances[0])]
+        ids, categories, matrix = space_vectors(store, space, feature_key)
+        keep = np.ones(len(ids), bool)
+        if category is not None:
+            keep &= np.array([c == category for c in categories], bool)
+        if exclude is not None:
+            keep &= ids != exclude
+        ids, matrix = ids[keep], matrix[keep]
+        indices, distances = top_k_cosine(np.asarray(vector)[None], matrix, k)
+        found = [(int(ids[i]), float(d)) for i, d in zip(indices[0], distances[0])
+                 if max_distance is None or d <= max_distance]
     info = {i: (p, c) for i, p, c, _ in store.image_info([i for i, _ in found])}
     return [(i, info[i][0], info[i][1], d) for i, d in found]
+
+
+def similar_images(store, image: bytes, k: int = 10, space: str = "scores",
+                   category: str | None = None, max_distance: float | None = None
+                   ) -> list[tuple]:
+    """The ``k`` stored images most similar to a new ``image`` (bytes), by cosine distance.
+
+    The image is featurized with the backbone the current classifier was trained on and
+    scored by that classifier, then ranked against every scored (or featurized) image,
+    of ``category`` only and no farther than ``max_distance`` when given. A query: it
+    writes nothing (so it runs in a read-only transaction and on a standby) and takes no
+    lock. Returns ``(image_id, path, category, distance)`` rows, nearest first.
+
+    Example
+    -------
+    >>> similar_images(store, open("shirt.jpg", "rb").read(), k=3)  # doctest: +SKIP
+    [(17, 'striped/s1.jpg', 'striped', 0.0004), ...]
+    """
+    check_k("k", k)
+    asked = query(store, image, space)
+    return nearest(store, asked.vector, k, space, asked.feature_key, category, max_distance)
+
+
+def similar_to(store, image_id: int, k: int = 10, space: str = "scores",
+               category: str | None = None, max_distance: float | None = None
+               ) -> list[tuple]:
+    """The ``k`` stored images most similar to stored image ``image_id`` (itself left
+    out), from its stored scores or features: nothing is featurized again."""
+    image_id = checks.count("image_id", image_id, 1)
+    check_k("k", k)
+    checks.choice("space", space, SPACES)
+    _, meta, _ = _current_models(store)
+    key = meta["feature_key"]
+    ids, _, matrix = space_vectors(store, space, key, [image_id])
+    if len(ids) == 0:
+        if not store.image_info([image_id]):
+            raise checks.UnknownImage(f"image {image_id} is not in the images table")
+        again = "featurize and refresh" if space == "scores" else "featurize"
+        raise lineage.StaleInputs(f"image {image_id} has no {space} vector yet: run {again}")
+    return nearest(store, matrix[0], k, space, key, category, max_distance, exclude=image_id)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KS = "ARRAY[1,2,4,5,8,10,15,20,28,32]"
+SIMILAR = ("TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, "
+           "distance pg_catalog.float8)")
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,14 @@ ROUTINES = (
             (_p("top_k_candidates", INT, "10"), _p("space", TEXT, "'scores'"))),
     Routine("similar_images",
             "Featurize and score one new image, and return the k most similar stored "
-            "images (writes nothing).",
-            (_p("image", "imgsim.image_file"), _p("k", INT, "10"), _p("space", TEXT, "'scores'")),
-            "TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, "
-            "distance pg_catalog.float8)"),
+            "images, of one category and within a distance when given (writes nothing).",
+            (_p("image", "imgsim.image_file"), _p("k", INT, "10"), _p("space", TEXT, "'scores'"),
+             _p("category", TEXT, NULL), _p("max_distance", FLOAT, NULL)), SIMILAR),
+    Routine("similar_to",
+            "The k stored images most similar to a stored image, from its stored vector "
+            "(writes nothing).",
+            (_p("image_id", INT), _p("k", INT, "10"), _p("space", TEXT, "'scores'"),
+             _p("category", TEXT, NULL), _p("max_distance", FLOAT, NULL)), SIMILAR),
 )
 
 BOOTSTRAP = '''import sys

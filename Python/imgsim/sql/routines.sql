@@ -163,7 +163,7 @@ from imgsim.indb import call
 call(plpy, ''refresh'', {''top_k_candidates'': top_k_candidates, ''space'': space}, True)
 ';
 COMMENT ON PROCEDURE imgsim."refresh" IS 'The scheduled job: featurize new images, re-score them with the current classifier, rank again.';
-CREATE FUNCTION imgsim."similar_images"("image" imgsim.image_file, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'scores') RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) LANGUAGE plpython3u AS 'import sys
+CREATE FUNCTION imgsim."similar_images"("image" imgsim.image_file, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'scores', "category" imgsim.short_text DEFAULT NULL, "max_distance" pg_catalog.float8 DEFAULT NULL) RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
@@ -176,6 +176,22 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     import imgsim.serverenv
     imgsim.serverenv.check(SITE, BUILD)
 from imgsim.indb import call
-return call(plpy, ''similar_images'', {''image'': image, ''k'': k, ''space'': space}, False)
+return call(plpy, ''similar_images'', {''image'': image, ''k'': k, ''space'': space, ''category'': category, ''max_distance'': max_distance}, False)
 ';
-COMMENT ON FUNCTION imgsim."similar_images" IS 'Featurize and score one new image, and return the k most similar stored images (writes nothing).';
+COMMENT ON FUNCTION imgsim."similar_images" IS 'Featurize and score one new image, and return the k most similar stored images, of one category and within a distance when given (writes nothing).';
+CREATE FUNCTION imgsim."similar_to"("image_id" pg_catalog.int4, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'scores', "category" imgsim.short_text DEFAULT NULL, "max_distance" pg_catalog.float8 DEFAULT NULL) RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) LANGUAGE plpython3u AS 'import sys
+SITE, BUILD = ''<server-side site-packages>'', ''<build>''
+if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
+    if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
+        plpy.error("imgsim was upgraded while a call was running in this session: call again")
+    for name in [m for m in sys.modules if m == "imgsim" or m.startswith("imgsim.")]:
+        del sys.modules[name]
+    if SITE in sys.path:
+        sys.path.remove(SITE)
+    sys.path.insert(0, SITE)
+    import imgsim.serverenv
+    imgsim.serverenv.check(SITE, BUILD)
+from imgsim.indb import call
+return call(plpy, ''similar_to'', {''image_id'': image_id, ''k'': k, ''space'': space, ''category'': category, ''max_distance'': max_distance}, False)
+';
+COMMENT ON FUNCTION imgsim."similar_to" IS 'The k stored images most similar to a stored image, from its stored vector (writes nothing).';

@@ -379,8 +379,12 @@ class Store:
                         .where(_extension.c.extname == "vector"))[0][0]
         return self._vectors
 
-    def nearest_features(self, key: str, vector, k: int, ef_search: int = 200):
-        """``(image_id, cosine distance)`` of the ``k`` nearest features by the HNSW index."""
+    def nearest_features(self, key: str, vector, k: int, ef_search: int = 200,
+                         category: str | None = None, max_distance: float | None = None,
+                         exclude: int | None = None):
+        """``(image_id, cosine distance)`` of the ``k`` nearest features by the HNSW index
+        (of ``category``, within ``max_distance``, without ``exclude``, when given: the
+        index's iterative scans go on until they find k rows that pass)."""
         schema = self._vector_schema
         fv = t.feature_vectors(schema).c
         dim = len(vector)
@@ -389,15 +393,21 @@ class Store:
         distance = cast(fv.embedding, t.Vector(dim, schema)).op(
             t.vector_operator(schema, "<=>"), return_type=Float)(target)
         dims = getattr(func, schema).vector_dims(fv.embedding)
-        with self.transaction():  # iterative scans: k rows even where the index alone
-            self._fetch(select(func.set_config("hnsw.ef_search",  # would find fewer
-                                               str(max(ef_search, 2 * k)), True)))
+        query = (select(fv.image_id, distance)
+                 .where(fv.backbone == key, dims == bindparam("dim", dim, literal_execute=True))
+                 .order_by(distance).limit(k))
+        if category is not None:
+            query = query.where(fv.image_id.in_(select(t.images.c.id).where(
+                t.images.c.category == category)))
+        if max_distance is not None:
+            query = query.where(distance <= max_distance)
+        if exclude is not None:
+            query = query.where(fv.image_id != exclude)
+        with self.transaction():
+            self._fetch(select(func.set_config("hnsw.ef_search", str(max(ef_search, 2 * k)),
+                                               True)))
             self._fetch(select(func.set_config("hnsw.iterative_scan", "relaxed_order", True)))
-            found = self._fetch(
-                select(fv.image_id, distance)
-                .where(fv.backbone == key,
-                       dims == bindparam("dim", dim, literal_execute=True))
-                .order_by(distance).limit(k))
+            found = self._fetch(query)
         return sorted(found, key=lambda row: (row[1], row[0]))  # relaxed order: sorted here
 
     def backfill_embeddings(self) -> int:
@@ -447,6 +457,9 @@ class Store:
                 {"query_id": int(q), "candidate_id": int(c), "is_positive": bool(p)}
                 for q, c, p in pairs])
 
+    def evaluation_pair_count(self) -> int:
+        return self._fetch(select(func.count()).select_from(t.evaluation_images))[0][0]
+
     def evaluation_pairs(self) -> list[tuple[int, int, bool]]:
         c = t.evaluation_images.c
         return self._fetch(select(c.query_id, c.candidate_id, c.is_positive)
@@ -489,11 +502,13 @@ class Store:
         """The models whose scores the scores table holds (one, after train or refresh)."""
         return {r[0] for r in self._fetch(select(t.scores.c.model).distinct())}
 
-    def score_matrix(self):
-        """``(ids, labels, predicted, matrix)`` of every scored image."""
+    def score_matrix(self, ids=None):
+        """``(ids, labels, predicted, matrix)`` of every scored image (of ``ids`` only)."""
         c = t.scores.c
-        rows = self._fetch(select(c.image_id, c.label, c.predicted_label, c.score)
-                           .order_by(c.image_id))
+        query = select(c.image_id, c.label, c.predicted_label, c.score).order_by(c.image_id)
+        if ids is not None:
+            query = query.where(c.image_id.in_(list(map(int, ids))))
+        rows = self._fetch(query)
         return (np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows],
                 [r[2] for r in rows], from_blobs([bytes(r[3]) for r in rows]))
 
