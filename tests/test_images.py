@@ -177,15 +177,20 @@ def test_a_jpeg_repeating_its_scans_is_refused_before_decoding():
     progressive = encode(Image.effect_noise((64, 64), 40).convert("RGB"), "JPEG",
                          progressive=True)
     assert load_rgb(progressive).size == (64, 64)  # a real progressive JPEG is fine
-    with pytest.raises(ImageError, match="scans is over the limit of 64"):
+    with pytest.raises(ImageError, match="scans is over the limit of 32"):
         load_rgb(_repeat_last_scan(progressive, 100))
 
 
-def test_tiffs_are_not_decoded_and_say_so():
+def test_tiffs_and_compressed_bmps_are_not_decoded_and_say_so():
     for compression in ("raw", "jpeg"):  # its layout alone can make opening one costly
         data = encode(Image.new("RGB", (32, 32)), "TIFF", compression=compression)
         with pytest.raises(ImageError, match="TIFF files are not decoded"):
             load_rgb(data)
+    assert load_rgb(encode(Image.new("RGB", (32, 32)), "BMP")).size == (32, 32)
+    rle = bytearray(encode(Image.new("P", (32, 32)), "BMP"))
+    rle[30:34] = (1).to_bytes(4, "little")  # BI_RLE8: decoded by Python code
+    with pytest.raises(ImageError, match="run-length compressed BMP"):
+        load_rgb(bytes(rle))
 
 
 def test_an_exif_block_too_large_to_unpack_is_not_read():

@@ -176,18 +176,20 @@ def test_the_memory_setting_is_enforced_where_it_is_applied():
     assert done.stdout.split() == ["refused", "after:", "600"]
 
 
-def test_a_decode_in_progress_does_not_hold_back_a_cancel():
-    """Decoding runs in C, where a cancel is not seen: it runs on a worker thread while
-    the caller keeps answering (the dropped decode finishes on its own)."""
+def test_a_cancel_during_a_decode_leaves_no_thread_behind():
+    """Decoding runs in C, where a cancel is not seen: the caller checks for one while a
+    worker decodes, and when it comes waits for that decode (bounded by the image limits)
+    rather than leave a thread running in a server process."""
     import threading
 
     from imgsim.featurize import prepare_answering
 
-    release = threading.Event()
+    release, finished = threading.Event(), threading.Event()
 
     class SlowDecoder:
         def prepare(self, data):
             release.wait(30)
+            finished.set()
             return data
 
     class Cancelled(Exception):
@@ -199,9 +201,10 @@ def test_a_decode_in_progress_does_not_hold_back_a_cancel():
         def check_interrupts(self):
             Store.calls += 1
             if Store.calls == 2:
+                release.set()  # the decode ends soon after the cancel
                 raise Cancelled
 
+    threads = threading.active_count()
     with pytest.raises(Cancelled):
         prepare_answering(Store(), SlowDecoder(), b"bytes")
-    assert not release.is_set()  # it returned while the decode was still going
-    release.set()
+    assert finished.is_set() and threading.active_count() == threads

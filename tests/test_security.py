@@ -622,3 +622,45 @@ def test_files_private_to_the_server_are_not_read_even_in_an_allowed_folder(targ
         weights.unlink()
         with psycopg.connect(target["dsn"], autocommit=True) as dba:
             dba.execute("CALL imgsim.sync_image_folder(%s)", (str(images),))
+
+
+def test_a_lease_dies_even_when_its_row_cannot_be_removed(target):
+    """A caller's own lock_timeout could make the removal of a lease's row fail while
+    another session takes a lease: the lease's key goes first, so what is left is dead."""
+    from sqlalchemy import text
+
+    from imgsim.store import SQLAlchemyStore
+
+    holder, blocker = SQLAlchemyStore(target["dsn"]), psycopg.connect(target["dsn"])
+    with pytest.raises(Exception, match="lock timeout"):
+        with holder.lock():
+            holder._lock[0].execute(text("SET lock_timeout = '1ms'"))
+            blocker.execute("LOCK TABLE imgsim_private.step_locks IN SHARE MODE")
+    blocker.rollback()
+    blocker.close()
+    with psycopg.connect(target["dsn"], autocommit=True) as dba:
+        dba.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")  # not busy
+    holder.close()
+
+
+def test_procedures_refuse_a_snapshot_older_than_their_lease(target):
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        conn.execute("SET default_transaction_isolation = 'repeatable read'")
+        with pytest.raises(errors.InvalidTransactionState, match="READ COMMITTED"):
+            conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+        conn.execute("SELECT * FROM imgsim.evaluate_model(ks => ARRAY[1])")  # readers may
+
+
+def test_weights_must_look_like_a_networks(target):
+    pin = target["allowed"] / "pin.pth"
+    pin.write_text("4711\\n")
+    os.chmod(pin, 0o644)
+    try:
+        with psycopg.connect(target["analyst"], autocommit=True) as conn:
+            before = conn.execute("SELECT count(*) FROM imgsim.runs").fetchone()
+            with pytest.raises(errors.InsufficientPrivilege, match="at least 1 MB"):
+                conn.execute("CALL imgsim.rank_candidates(space => 'features', backbone => "
+                             "'resnet18', weights => %s)", (str(pin),))
+            assert conn.execute("SELECT count(*) FROM imgsim.runs").fetchone() == before
+    finally:
+        pin.unlink()

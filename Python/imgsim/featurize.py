@@ -228,8 +228,8 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
                        disable=not progress)
             batches = _batches(pending, batch_size, budget.batch_bytes)
             # Store access stays on this thread (plpy is single-threaded); the workers
-            # only decode, the next batch while this one is inferred. Stopped, they are
-            # not waited for.
+            # only decode, the next batch while this one is inferred. Stopped, the step
+            # waits for the decodes in progress (none is left running), not the queued.
             pool = ThreadPoolExecutor(max_workers=workers, initializer=_block_signals)
             try:
                 future = _decode(pool, featurizer, _load(store, key, batches[0]))
@@ -243,7 +243,7 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
                     run.progress(force=True, **counts)
                     yield
             finally:
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
         run.counts.update(counts)
     return counts
@@ -263,18 +263,17 @@ def _batches(pending, images: int, max_bytes: int) -> list[list[tuple]]:
 
 
 def prepare_answering(store, featurizer, data: bytes):
-    """Preprocess one image on a worker thread, answering a cancel while it decodes (a
-    cancelled decode finishes on its own and is dropped)."""
-    pool = ThreadPoolExecutor(max_workers=1, initializer=_block_signals)
-    try:
+    """Preprocess one image on a worker thread, checking for a cancel while it decodes.
+    A cancel waits for the decode in progress (bounded by the limits of
+    :mod:`imgsim.images`): a thread left behind in a server process would keep its
+    memory, and its CPU, after the call."""
+    with ThreadPoolExecutor(max_workers=1, initializer=_block_signals) as pool:
         future = pool.submit(featurizer.prepare, data)
         while True:
             try:
                 return future.result(timeout=0.25)
             except TimeoutError:
                 store.check_interrupts()
-    finally:
-        pool.shutdown(wait=False)
 
 
 def default_workers(store) -> int:

@@ -2,8 +2,9 @@
 
 Preprocessing, the same for every backbone, step and compute context:
 
-1. decode with Pillow, formats ``FORMATS`` only (TIFF, whose layout alone can make
-   opening it costly, is not among them); refuse images over ``MAX_PIXELS`` before
+1. decode with Pillow, formats ``FORMATS`` only (not TIFF, whose layout alone can make
+   opening it costly; BMP uncompressed only: its run-length decoder is Python that a
+   crafted file keeps busy); refuse images over ``MAX_PIXELS`` before
    decoding pixels, files whose parts would decode more than they declare (a tile
    outside the image, a JPEG of more than ``MAX_JPEG_SCANS`` scans), and images
    whose decoded pixels would not fit the memory allowed (``max_decode_bytes``);
@@ -43,8 +44,8 @@ SIZE = 288
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG includes MPO (phones' JPEGs)
 # A progressive JPEG is decoded scan by scan over the whole image, in C, where a cancel
 # waits: a file repeating scans could keep a process busy for hours. Encoders write 1 to
-# about 20.
-MAX_JPEG_SCANS = 64
+# about 20; 32 scans of 40 megapixels take about a second.
+MAX_JPEG_SCANS = 32
 # An EXIF block larger than a JPEG can hold is not read (its orientation is not applied):
 # Pillow would unpack every value of it.
 MAX_EXIF_BYTES = 65_536
@@ -151,6 +152,8 @@ def _check_layout(image: Image.Image, data: bytes) -> None:
         scans = data.count(b"\xff\xda")
         if scans > MAX_JPEG_SCANS:
             raise ImageError(f"a JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS}")
+    if image.format == "BMP" and image.info.get("compression") not in (0, 3):
+        raise ImageError("a run-length compressed BMP is not decoded: save it as PNG")
 
 
 def central_band(image: Image.Image, size: int = SIZE) -> Image.Image:

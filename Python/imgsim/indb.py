@@ -94,6 +94,8 @@ def _plan(plpy, name: str):
         _PLANS[name] = {
             "caller": lambda: plpy.prepare("SELECT current_user::pg_catalog.text AS caller, "
                                            "session_user::pg_catalog.text AS login"),
+            "isolation": lambda: plpy.prepare(
+                "SELECT pg_catalog.current_setting('transaction_isolation') AS level"),
             "step": lambda: plpy.prepare(
                 "SELECT imgsim._step($1, $2) AS state", ["imgsim.short_text", "imgsim.short_text"]),
         }[name]()
@@ -110,6 +112,11 @@ def call(plpy, routine: str, arguments: dict, procedure: bool):
             raise plpy.spiexceptions.ActiveSqlTransaction(
                 f"imgsim.{routine} cannot run inside a transaction block: it commits as it "
                 "goes, keeping finished work; CALL it on its own (autocommit)") from None
+        level = plpy.execute(_plan(plpy, "isolation"))[0]["level"]
+        if level != "read committed":  # a snapshot older than the lease it takes would not
+            raise plpy.spiexceptions.InvalidTransactionState(  # see other leases
+                f"imgsim.{routine} runs at READ COMMITTED, and this session's transactions "
+                f"are {level.upper()}: SET default_transaction_isolation = 'read committed'")
     caller = plpy.execute(_plan(plpy, "caller"))[0]
     token = secrets.token_hex(16)
     invocation = _INVOCATIONS[token] = Invocation(

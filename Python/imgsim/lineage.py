@@ -174,6 +174,7 @@ def current_results(store) -> dict:
     ranking = found["ranking"]
     if ranking and store.ranking_row_count(ranking[0]) != ranking[2].get("rows"):
         found["ranking"] = None
-        found["note"] = (f"images ranked by rank run {ranking[0]} were removed by sync "
-                         "since: run rank again")
+        found["note"] = (f"results of rank run {ranking[0]} were removed since (images "
+                         "removed by sync, or results older than the last rankings): run "
+                         "rank again")
     return found

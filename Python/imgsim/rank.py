@@ -26,6 +26,8 @@ from .sync import MAX_FILE_BYTES
 SPACES = ("scores", "features")
 MAX_K = 1000
 MAX_QUERIES = 100_000
+MAX_RANKING_ROWS = 5_000_000  # a run's results; the results of the last KEEP_RANKINGS
+KEEP_RANKINGS = 10            # rank runs are kept (their runs rows always are)
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
@@ -164,6 +166,11 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
         query_ids = [i for i in query_ids if i in row_of]
         if not query_ids:
             raise ValueError("no query image has a vector: fill query_images or run prepare")
+        if len(query_ids) * min(top_k, len(ids)) > MAX_RANKING_ROWS:
+            raise checks.ParameterError(
+                f"{len(query_ids)} queries x {min(top_k, len(ids))} candidates is over the "
+                f"limit of {MAX_RANKING_ROWS} rows: choose fewer queries or a smaller "
+                "top_k_candidates")
         block = settings.budget(store).ranking_block(len(ids))
         written = 0
         with store.transaction():  # results stream out a block of queries at a time
@@ -183,6 +190,7 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
             lineage.unchanged(store, used, space, key, from_split, "ranking")
             run.succeed(**used, queries=len(query_ids), candidates=len(ids), rows=written,
                         search="exact", queries_without_vectors=len(without))
+            store.keep_rankings(KEEP_RANKINGS)
     return {"run_id": run.id, **run.counts}
 
 
@@ -235,11 +243,14 @@ class Query:
     feature_key: str
 
 
-def _current_models(store):
-    """The current classifier's name and metadata and the digests of its graphs."""
+def _current_models(store, space: str = "features"):
+    """The current classifier's name and metadata and the digests of its graphs (and, to
+    compare in score space, the check that the scores table holds its scores)."""
     train = store.last_run("train_classifier")
     if train is None:
         raise lineage.StaleInputs("no classifier has been trained: run train first")
+    if space == "scores":
+        lineage.check_scores(store, train)
     model_name = train[2]["model"]
     digests = store.model_digests([model_name])
     if model_name not in digests:
@@ -265,7 +276,7 @@ def query(store, image: bytes, space: str = "scores") -> Query:
     if len(image) > MAX_FILE_BYTES:
         raise checks.ParameterError(f"image is {len(image) >> 20} MB, over the limit of "
                                     f"{MAX_FILE_BYTES >> 20} MB")
-    model_name, meta, digests = _current_models(store)
+    model_name, meta, digests = _current_models(store, space)
     key = meta["feature_key"]
     featurizer = _cached(key, digests[key][0], lambda n: store.load_model(n)[0],
                          lambda graph: Featurizer(graph))
@@ -341,7 +352,7 @@ def similar_to(store, image_id: int, k: int = 10, space: str = "scores",
     image_id = checks.count("image_id", image_id, 1)
     check_k("k", k)
     checks.choice("space", space, SPACES)
-    _, meta, _ = _current_models(store)
+    _, meta, _ = _current_models(store, space)
     key = meta["feature_key"]
     ids, _, matrix = space_vectors(store, space, key, [image_id])
     if len(ids) == 0:

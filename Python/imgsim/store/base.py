@@ -143,8 +143,11 @@ class Store:
         return token
 
     def _lease_release(self, token: int) -> None:
-        self._write(delete(t.step_locks).where(t.step_locks.c.token == token))
+        """End a lease: its key first (the lease is dead at once, whatever happens next),
+        then its row (a row left behind by a failure is dead and removed by the next
+        step to take a lease)."""
         self._fetch(select(func.pg_advisory_unlock(LEASE_KEY, token)))
+        self._write(delete(t.step_locks).where(t.step_locks.c.token == token))
 
     def _live_tokens(self, leases: dict[int, int]) -> set[int]:
         """The tokens of ``{token: pid}`` still held by the backend that took them."""
@@ -543,6 +546,13 @@ class Store:
             self._write(insert(t.ranking_results), [
                 {"run_id": run_id, "query_id": q, "rank": r, "candidate_id": c,
                  "distance": d} for q, r, c, d in rows])
+
+    def keep_rankings(self, runs: int) -> None:
+        """Keep the results of the last ``runs`` rank runs only (their runs rows stay)."""
+        r = t.runs.c
+        kept = select(r.id).where(r.step == "rank_candidates").order_by(r.id.desc()).limit(runs)
+        self._write(delete(t.ranking_results).where(
+            t.ranking_results.c.run_id.not_in(select(kept.subquery().c.id))))
 
     def ranking_row_count(self, run_id: int) -> int:
         c = t.ranking_results.c

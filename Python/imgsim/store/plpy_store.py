@@ -32,7 +32,7 @@ from sqlalchemy.sql import Select
 
 from .. import settings
 from . import tables as t
-from .base import Store, now
+from .base import LEASE_KEY, Store, now
 
 DIALECT = postgresql.dialect(paramstyle="numeric_dollar")
 
@@ -186,6 +186,10 @@ class PlpyStore(Store):
         if real.is_file() and not shared(real):
             raise PathNotAllowed(f"{what} {path!r} is not readable by every user of the "
                                  "server: imgsim does not read files private to it")
+        if what == "weights" and not (real.suffix in (".pth", ".pt") and real.is_file()
+                                      and real.stat().st_size >= 1 << 20):
+            raise PathNotAllowed(f"weights {path!r} must be a .pth or .pt file of at least "
+                                 "1 MB (a network's weights)")
         return real
 
     def shared_only(self) -> bool:
@@ -220,8 +224,12 @@ class PlpyStore(Store):
     def _release(self) -> None:
         token, self._token = self._token, None
         if token is not None:
-            with self.transaction():
-                self._lease_release(token)
+            self._fetch(select(func.pg_advisory_unlock(LEASE_KEY, token)))  # dead from here
+            try:
+                with self.transaction():
+                    self._lease_release(token)
+            except self.plpy.SPIError:
+                pass  # the row of a dead lease: the next step to take one removes it
 
     # -- runs -----------------------------------------------------------------------------
     def start_run(self, step: str, parameters: dict, seed: int | None = None) -> int:

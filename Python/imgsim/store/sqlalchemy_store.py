@@ -197,7 +197,7 @@ class SQLAlchemyStore(Store):
             connection.commit()
         finally:
             self._connection = None
-            connection.close()
+            connection.close()  # its session ends: its key with it, whatever happened
 
     def close(self) -> None:
         self._release()
