@@ -47,7 +47,8 @@ def test_deploy_creates_schema_routines_roles_and_the_backbone(deployed):
                                      "'imgsim'::regnamespace").split()}
     assert routines == {"sync_image_folder", "featurize_images", "prepare_data",
                         "train_classifier", "evaluate_model", "rank_candidates",
-                        "set_query_images", "run_image_similarity", "similar_images", "refresh",
+                        "set_query_images", "run_image_similarity", "similar_images", "similar_to",
+                        "refresh",
                         "_step"}
     owners = psql(dsn, "SELECT DISTINCT pg_get_userbyid(proowner) FROM pg_proc "
                        "WHERE pronamespace = 'imgsim'::regnamespace").split()

@@ -86,8 +86,9 @@ def test_links_out_of_the_folder_are_refused_and_recorded(small_folder, empty_st
     os.symlink("/etc/passwd", small_folder / "zebra" / "passwd.jpg")
     os.symlink(outside, small_folder / "elsewhere")
     os.symlink(small_folder / "zebra" / "zebra_000.jpg", small_folder / "argyle" / "inside.jpg")
+    os.symlink(small_folder / "zebra", small_folder / "zebra2")  # its images twice over
     counts = sync_image_folder(empty_store, small_folder, progress=False)
-    assert counts["refused"] == 2 and counts["added"] == 13  # the link inside is fine
+    assert counts["refused"] == 3 and counts["added"] == 13  # the file link inside is fine
     stored = paths(empty_store)
     assert "zebra/passwd.jpg" not in stored and not [p for p in stored if "elsewhere" in p]
     assert b"root:x:0:0" not in b"".join(empty_store.image_data(
@@ -95,6 +96,7 @@ def test_links_out_of_the_folder_are_refused_and_recorded(small_folder, empty_st
     reasons = {p: r for p, _, r, _ in empty_store.image_error_rows()}
     assert "outside the synced folder" in reasons["zebra/passwd.jpg"]
     assert "outside the synced folder" in reasons["elsewhere"]
+    assert reasons["zebra2"] == "a link to a folder (not followed)"
 
 
 def test_a_file_over_the_size_limit_is_recorded(small_folder, empty_store, monkeypatch):

@@ -56,7 +56,11 @@ def test_a_classifier_from_an_earlier_split_is_refused_not_evaluated(pipeline_st
     for step in (evaluate_model, rank_candidates):
         with pytest.raises(StaleInputs, match="run train again"):
             step(pipeline_store)
-    assert rows(pipeline_store, t.runs) == runs + 1  # only the prepare
+    # the prepare, and each refusal kept as a failed run saying why (the scheduled job's trace)
+    assert rows(pipeline_store, t.runs) == runs + 3
+    failed = rows(pipeline_store, t.runs, (t.runs.c.status == "failed")
+                  & t.runs.c.error.like("%run train again%"))
+    assert failed >= 2
     html = write_report(pipeline_store, tmp_path / "stale.html").read_text()
     assert "was trained on the split of prepare run" in html and "Ranking accuracy" not in html
     evaluate_model(pipeline_store, space="features")  # raw features do not depend on it
@@ -677,4 +681,93 @@ def test_a_refused_rank_in_the_refresh_leaves_the_scores_it_kept(trust_db):
             conn.execute("CALL imgsim.refresh()")
         steps = conn.execute("SELECT step, status FROM imgsim.runs WHERE id > %s ORDER BY id",
                              (before,)).fetchall()
-    assert steps == [("featurize_images", "succeeded"), ("score_images", "succeeded")]
+    assert steps == [("featurize_images", "succeeded"), ("score_images", "succeeded"),
+                     ("rank_candidates", "failed")]
+
+
+# -- a data scientist's third round -------------------------------------------------------
+def test_an_image_refused_for_memory_is_tried_again_once_the_setting_allows_it(small_folder,
+                                                                              empty_store):
+    from PIL import Image
+
+    Image.new("RGB", (4000, 3000), (90, 120, 30)).save(small_folder / "zebra" / "big.png")
+    sync_image_folder(empty_store, small_folder, progress=False)
+    empty_store.put_setting("max_backend_memory_mb", 256)  # 9 MB for decoding: too little
+    first = featurize_images(empty_store, progress=False)
+    reasons = {p: r for p, _, r, _ in empty_store.image_error_rows() if p.endswith("big.png")}
+    assert first["failed"] >= 1 and "memory setting allows" in reasons["zebra/big.png"]
+    prepare_data(empty_store, **SMALL)  # not waiting for it: listed as not used for now
+    empty_store.put_setting("max_backend_memory_mb", 1024)
+    second = featurize_images(empty_store, progress=False)
+    assert second["featurized"] == 1
+    assert not [p for p, *_ in empty_store.image_error_rows() if p.endswith("big.png")]
+    third = featurize_images(empty_store, progress=False)  # a bad file is not tried again
+    assert third["featurized"] == 0
+
+
+def test_backbone_and_weights_are_refused_where_they_choose_nothing(pipeline_store):
+    runs = rows(pipeline_store, t.runs)
+    for step in (evaluate_model, rank_candidates):
+        with pytest.raises(ParameterError, match="apply to space 'features'"):
+            step(pipeline_store, backbone="resnet18")
+    assert rows(pipeline_store, t.runs) == runs
+
+
+def test_weights_that_do_not_exist_stop_the_pipeline_before_any_step(empty_store, small_folder,
+                                                                      tmp_path):
+    with pytest.raises(FileNotFoundError):
+        run_image_similarity(empty_store, small_folder, backbone="resnet18",
+                             weights=tmp_path / "missing.pth", progress=False)
+    assert rows(empty_store, t.runs) == 0 and rows(empty_store, t.images) == 0
+
+
+def test_a_folder_recorded_relative_by_an_earlier_version_does_not_block_sync(synced_run):
+    folder, store = synced_run
+    with store.transaction():
+        store._write(t.runs.update().where(t.runs.c.step == "sync_image_folder")
+                     .values(parameters={"folder": "images", "replace": False}))
+    assert sync_image_folder(store, folder, progress=False)["removed"] == 0
+
+
+def test_similar_to_an_image_that_could_not_be_decoded_says_why(pipeline_store):
+    from imgsim.images import ImageError
+    from imgsim.rank import similar_to
+
+    e = t.image_errors.c
+    bad = [i for i, in pipeline_store._fetch(select(e.image_id).where(
+        e.step == "featurize_images", e.image_id.is_not(None)))]
+    assert bad
+    with pytest.raises(ImageError, match=f"image {bad[0]} could not be used"):
+        similar_to(pipeline_store, bad[0])
+
+
+def test_a_step_that_lost_its_lease_keeps_nothing_of_its_last_part(trust_db):
+    store = SQLAlchemyStore(trust_db)
+    try:
+        with store.lock():
+            pid = store._lock[0].execute(select(func.pg_backend_pid())).scalar()
+            with psycopg.connect(trust_db, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            with pytest.raises(Busy, match="lost its hold"):
+                with store.transaction():
+                    store.put_setting("max_backend_memory_mb", 999)
+            assert store.setting_values().get("max_backend_memory_mb") != 999
+    finally:
+        store.close()
+
+
+def test_prepare_when_no_image_could_be_decoded_points_at_the_errors(tmp_path, empty_store):
+    for category in ("a", "b"):
+        (tmp_path / "bad" / category).mkdir(parents=True)
+        (tmp_path / "bad" / category / "x.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    sync_image_folder(empty_store, tmp_path / "bad", progress=False)
+    assert featurize_images(empty_store, progress=False)["failed"] == 2
+    with pytest.raises(ValueError, match="no image could be decoded: see image_errors"):
+        prepare_data(empty_store)
+    with pytest.raises(ValueError, match="no image could be decoded"):  # with any backbone
+        prepare_data(empty_store, backbone="mobilenet_v2")
+
+
+def test_prepare_names_the_backbone_to_featurize(pipeline_store):
+    with pytest.raises(ValueError, match="run featurize --backbone mobilenet_v2 first"):
+        prepare_data(pipeline_store, backbone="mobilenet_v2")

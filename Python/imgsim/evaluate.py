@@ -144,13 +144,15 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
     ks = checks.ks("ks", ks)
     checks.choice("space", space, SPACES)
     check_chart_path(chart_path)
+    if space == "scores" and (backbone is not None or weights is not None):
+        raise checks.ParameterError("backbone and weights choose the features compared: "
+                                    "they apply to space 'features'")
     if weights is not None:
         weights = store.readable_path(weights, "weights")
     params = {"ks": ks, "space": space}
     if space == "features":
         params["feature_key"] = features_in_use(store, backbone, weights)
     key = params.get("feature_key")
-    lineage.inputs(store, space, key)
     with recorded(store, "evaluate_model", params, with_results=True) as run:  # no lock
         yield
         used = lineage.inputs(store, space, key)

@@ -169,7 +169,8 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
     workers : int, optional
         Threads decoding the next batch while the current one is inferred (Pillow decodes
         and resizes without holding the GIL): by default half the cores, at least one;
-        one inside the server. The memory one image's decoding may take is shared out.
+        one inside the server (each may take the memory setting's decoding share). An
+        image refused for memory is tried again by the next featurize.
 
     Returns
     -------
@@ -223,7 +224,7 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
                   "batch_size": batch_size, "workers": workers}
         run.progress(**counts)
         if pending:
-            featurizer = Featurizer(graph, max_decode_bytes=budget.decode_bytes // workers)
+            featurizer = Featurizer(graph, max_decode_bytes=budget.decode_bytes)
             bar = tqdm(total=len(pending), desc=f"featurize {backbone}", unit="img",
                        disable=not progress)
             batches = _batches(pending, batch_size, budget.batch_bytes)
@@ -323,9 +324,9 @@ def _decode(pool, featurizer, loaded):
 def _embed_and_store(store, featurizer, key, decoded, run, counts):
     reused_rows, arrays, copies = decoded
     good = [(i, s, a) for i, _, s, a in arrays if not isinstance(a, ImageError)]
-    failed = {s: str(a) for _, _, s, a in arrays if isinstance(a, ImageError)}
+    failed = {s: a for _, _, s, a in arrays if isinstance(a, ImageError)}
     errors = [{"run_id": run.id, "image_id": i, "path": p, "sha256": s, "step": STEP,
-               "reason": failed[s]} for i, p, s in
+               "reason": str(failed[s]), "retry": failed[s].transient} for i, p, s in
               [(i, p, s) for i, p, s, _ in arrays] + copies if s in failed]
     rows = list(reused_rows)
     if good:
@@ -335,6 +336,8 @@ def _embed_and_store(store, featurizer, key, decoded, run, counts):
     copied = [(i, s, vector_of[s]) for i, _, s in copies if s in vector_of]
     with store.transaction():
         store.put_features(key, rows + copied)
+        store.delete_image_errors(STEP, {s for _, s, _ in rows + copied} | set(failed),
+                                  retry_only=True)  # tried again: the new outcome stands
         store.add_image_errors(errors)
     counts["featurized"] += len(good)
     counts["reused"] += len(reused_rows) + len(copied)

@@ -55,7 +55,14 @@ CONVERT_FIRST = {"1", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; the message is the reason recorded in image_errors."""
+    """An image that cannot be used; the message is the reason recorded in image_errors.
+    ``too_large``: over a limit of size; ``transient``: it could be used with more memory
+    (tried again by the next featurize)."""
+
+    def __init__(self, message: str, *, too_large: bool = False, transient: bool = False):
+        super().__init__(message)
+        self.too_large = too_large or transient
+        self.transient = transient
 
 
 def decode_bytes(image: Image.Image, declared: tuple[int, int]) -> int:
@@ -89,7 +96,8 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
             image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(f"{width}x{height} pixels is over the limit of {max_pixels}")
+                raise ImageError(f"{width}x{height} pixels is over the limit of {max_pixels}",
+                                 too_large=True)
             _check_layout(image, data)
             if image.format == "JPEG" and min(width, height) > size:
                 scale = min(width, height) / size
@@ -98,7 +106,7 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
             if max_decode_bytes is not None and need > max_decode_bytes:
                 raise ImageError(
                     f"{width}x{height} pixels needs {need >> 20} MB to decode, more than the "
-                    f"{max_decode_bytes >> 20} MB the memory setting allows")
+                    f"{max_decode_bytes >> 20} MB the memory setting allows", transient=True)
             image.load()
     except ImageError:
         raise
@@ -107,8 +115,8 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
             raise ImageError("TIFF files are not decoded: save them as PNG or JPEG") from None
         raise ImageError("not an image (format not recognised)") from None
     except MemoryError:
-        raise ImageError("decoding it needs more memory than the memory setting allows"
-                         ) from None
+        raise ImageError("decoding it needs more memory than the memory setting allows",
+                         transient=True) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode: {exc}") from None

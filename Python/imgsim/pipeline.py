@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from . import checks, lineage
 from .backbones import DEFAULT_BACKBONE, SPECS
+from .backbones import weights_path as backbones_weights_path
 from .evaluate import DEFAULT_KS, check_chart_path, evaluate_model
 from .featurize import featurize_images, features_in_use
 from .finetune import DEFAULT_EPOCHS, check_request
@@ -52,6 +53,7 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
         raise checks.ParameterError("backbone resnet18 needs weights=PATH")
     if weights is not None:
         weights = store.readable_path(weights, "weights")
+        backbones_weights_path(backbone, weights)  # it exists and is not too large
     if image_folder is not None:
         store.readable_path(image_folder, "folder")
     results = {}

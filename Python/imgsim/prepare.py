@@ -302,12 +302,19 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
             raise lineage.StaleInputs("there are no images: run sync first")
         ids, categories, _ = store.feature_matrix(key)
         if len(ids) == 0:
-            raise ValueError(f"no image has features for {key}: run featurize first")
-        waiting = store.pending_images(key, "featurize_images")
+            if not store.pending_images(key, "featurize_images"):
+                raise ValueError("no image could be decoded: see image_errors (the report's "
+                                 "images not used)")
+            raise ValueError(f"no image has features for {key}: run featurize"
+                             f"{'' if backbone == DEFAULT_BACKBONE else ' --backbone ' + backbone}"
+                             " first")
+        retry = store.retry_shas("featurize_images")  # listed as not used, for now
+        waiting = [i for i in store.pending_images(key, "featurize_images") if i[2] not in retry]
         if waiting:
             raise lineage.StaleInputs(
                 f"{len(waiting)} images have no features for {key} yet (new or changed since "
-                "the last featurize): run featurize first")
+                f"the last featurize): run featurize"
+                f"{'' if backbone == DEFAULT_BACKBONE else ' --backbone ' + backbone} first")
         # all rows, filtered here: a list of every id in one IN (...) can exceed SQLite's
         # limit on bound variables
         info = store.image_info()

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import checks, lineage, settings
 from .featurize import features_in_use
+from .images import ImageError
 from .runs import recorded, stepwise
 from .sync import MAX_FILE_BYTES
 
@@ -132,6 +133,9 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
     checks.identifier("query_table", query_table)
     if not isinstance(include_self, bool):
         raise checks.ParameterError(f"include_self must be true or false; got {include_self!r}")
+    if space == "scores" and (backbone is not None or weights is not None):
+        raise checks.ParameterError("backbone and weights choose the features compared: "
+                                    "they apply to space 'features'")
     if weights is not None:
         weights = store.readable_path(weights, "weights")
     params = {"top_k_candidates": top_k, "space": space, "include_self": include_self,
@@ -139,11 +143,9 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
     if space == "features":
         params["feature_key"] = features_in_use(store, backbone, weights)
     key = params.get("feature_key")
-    lineage.inputs(store, space, key, need_split=False)
     store.query_ids(query_table)  # a table that cannot be read is refused here
     with recorded(store, "rank_candidates", params, with_results=True) as run:  # no lock
         yield
-        query_ids = store.query_ids(query_table)
         chosen = store.query_ids(query_table, fallback=False)
         from_split = query_table == "query_images" and not chosen
         if query_table == "query_images":
@@ -153,10 +155,13 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
                     f"{choice[2]['queries'] - len(chosen)} of the {choice[2]['queries']} query "
                     f"images chosen by run {choice[0]} were removed by sync: choose them again "
                     "(set_query_images; an empty list ranks the test images)")
-        used = lineage.inputs(store, space, key, from_split)
+        used = lineage.inputs(store, space, key, from_split)  # before the split's queries
+        query_ids = chosen or store.query_ids(query_table)
         ids, _, matrix = space_vectors(store, space, key)
         if len(ids) == 0:
-            raise lineage.StaleInputs(f"no image has {space}: run train (or featurize) first")
+            raise lineage.StaleInputs(
+                f"no image has {space}: run " + ("train" if space == "scores" else
+                                                 f"featurize --backbone {key.split('-')[0]}"))
         row_of = {i: n for n, i in enumerate(ids.tolist())}
         without = [i for i in query_ids if i not in row_of]
         if without and from_split:
@@ -358,6 +363,9 @@ def similar_to(store, image_id: int, k: int = 10, space: str = "scores",
     if len(ids) == 0:
         if not store.image_info([image_id]):
             raise checks.UnknownImage(f"image {image_id} is not in the images table")
+        reasons = [r for i, _, r in store.image_errors_of([image_id])]
+        if reasons:
+            raise ImageError(f"image {image_id} could not be used: {reasons[0]}")
         again = "featurize and refresh" if space == "scores" else "featurize"
         raise lineage.StaleInputs(f"image {image_id} has no {space} vector yet: run {again}")
     return nearest(store, matrix[0], k, space, key, category, max_distance, exclude=image_id)

@@ -71,9 +71,11 @@ def list_image_files(folder: Path) -> Listing:
             if Path(top.name).suffix.lower() in IMAGE_SUFFIXES:
                 listing.refused.append((shown(top.name), "not in a category folder"))
             continue
-        if top.is_symlink() and not _inside(top.path, root):
+        if top.is_symlink():  # followed, it would file the same images twice
             listing.refused.append((shown(top.name),
-                                    "a link to a folder outside the synced folder"))
+                                    "a link to a folder outside the synced folder"
+                                    if not _inside(top.path, root) else
+                                    "a link to a folder (not followed)"))
             continue
         for directory, subdirs, files in os.walk(top.path, onerror=unlistable):
             subdirs.sort()
@@ -169,8 +171,11 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
     if not isinstance(replace, bool):
         raise checks.ParameterError(f"replace must be true or false; got {replace!r}")
     folder = store.readable_path(folder, "folder")
-    if not folder.is_dir():
+    if not folder.exists():
         raise FileNotFoundError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise checks.ParameterError(f"{folder} is not a folder: sync a folder of category "
+                                    "sub-folders")
     root = os.path.realpath(folder)
     listing = list_image_files(Path(root))
     if not listing.found and not listing.unlisted:
@@ -179,6 +184,8 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
     with store.lock():
         earlier = store.run_rows(STEP, limit=1)  # the last sync, even an interrupted one
         mirrored = earlier[0][6]["folder"] if earlier else None
+        if mirrored is not None and not os.path.isabs(mirrored):
+            mirrored = None  # recorded as typed by an earlier version: cannot be compared
         known = store.image_index()
         if known and mirrored not in (None, root) and not replace:
             raise ValueError(

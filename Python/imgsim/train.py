@@ -1,17 +1,17 @@
 """train_classifier: a classifier on the training images' features, kept as ONNX.
 
-``kind='mlp'`` mirrors the template's rx_neural_network: one hidden layer of 100
-units. The optimiser settings are scikit-learn's Adam (learning rate 1e-3, batch
-200) with ReLU units, at most 1000 epochs (214 on the reference set), on standardised features, with a strong
-L2 penalty ``alpha=1.0``. Adam needs no learning-rate schedule tuned per data set,
-which the template's plain SGD did, and trains in seconds on two cores. The strong
+``kind='mlp'`` mirrors the template's rx_neural_network: one hidden layer of 100 units.
+The optimiser settings are scikit-learn's Adam (learning rate 1e-3, batch 200) with ReLU
+units, at most 1000 epochs (214 on the reference set), on standardised features, with a
+strong L2 penalty ``alpha=1.0``. Adam needs no learning-rate schedule tuned per data
+set, which the template's plain SGD did, and trains in seconds on two cores. The strong
 penalty matters for ranking: with a weak one (1e-3) the network saturates its
-probabilities on the training images and the score vectors rank worse (reference
-set, 3 seeds: cosine top-32 88.2% against 90.8%, test accuracy 75.5% against 76.4%). ``kind='logistic'`` is multinomial logistic
-regression. The fitted pipeline is converted with skl2onnx and stored in the models
-table; every image is then scored by ONNX Runtime from those stored bytes (so the
-scores are what any later reader of the model gets) into the scores table: its
-label, the predicted label and the vector of class probabilities.
+probabilities on the training images and the score vectors rank worse (reference set, 3
+seeds: cosine top-32 88.2% against 90.8%, test accuracy 75.5% against 76.4%).
+``kind='logistic'`` is multinomial logistic regression. The fitted pipeline is converted
+with skl2onnx and stored in the models table; every image is then scored by ONNX Runtime
+from those stored bytes (so the scores are what any later reader of the model gets) into
+the scores table: its label, the predicted label and the vector of class probabilities.
 
 With ``fine_tune=True`` the backbone's last stages are first tuned on the training
 images (see :mod:`imgsim.finetune`), every image is featurized with the tuned

@@ -300,6 +300,12 @@ class Store:
             query = query.where(c.id.in_(list(map(int, ids))))
         return self._fetch(query)
 
+    def categories(self) -> list[tuple[str, int]]:
+        """``(category, number of images)``, by category."""
+        c = t.images.c
+        return self._fetch(select(c.category, func.count()).group_by(c.category)
+                           .order_by(c.category))
+
     def image_data(self, ids) -> dict[int, bytes]:
         c = t.images.c
         rows = self._fetch(select(c.id, c.data).where(c.id.in_(list(map(int, ids)))))
@@ -309,15 +315,35 @@ class Store:
         if rows:
             self._write(insert(t.image_errors), [{"at": now(), **row} for row in rows])
 
-    def delete_image_errors(self, step: str) -> None:
-        self._write(delete(t.image_errors).where(t.image_errors.c.step == step))
+    def delete_image_errors(self, step: str, shas=None, retry_only: bool = False) -> None:
+        """Forget ``step``'s errors (of content ``shas`` only; only those that may pass
+        another time)."""
+        e = t.image_errors.c
+        query = delete(t.image_errors).where(e.step == step)
+        if shas is not None:
+            query = query.where(e.sha256.in_(list(shas)))
+        if retry_only:
+            query = query.where(e.retry.is_(True))
+        self._write(query)
+
+    def image_errors_of(self, ids) -> list[tuple]:
+        """``(image_id, step, reason)`` of what was recorded against images ``ids``."""
+        e = t.image_errors.c
+        return self._fetch(select(e.image_id, e.step, e.reason).where(
+            e.image_id.in_(list(map(int, ids)))).order_by(e.id))
+
+    def retry_shas(self, step: str) -> set[str]:
+        """Contents whose failure in ``step`` may pass another time."""
+        e = t.image_errors.c
+        return {r[0] for r in self._fetch(select(e.sha256).where(e.step == step,
+                                                                 e.retry.is_(True)))}
 
     def unrecorded_bad_copies(self, step: str) -> list[dict]:
         """Error rows for images whose content failed in ``step`` under another path (they
         are not tried again, but must be listed as not used)."""
         e = t.image_errors.c
-        failed = dict(self._fetch(select(e.sha256, e.reason).where(e.step == step,
-                                                                    e.sha256.is_not(None))))
+        failed = dict(self._fetch(select(e.sha256, e.reason).where(
+            e.step == step, e.sha256.is_not(None), func.coalesce(e.retry, False).is_(False))))
         recorded = {r[0] for r in self._fetch(select(e.image_id).where(e.step == step))}
         return [{"image_id": i, "path": p, "sha256": s, "step": step, "reason": failed[s]}
                 for i, p, _, s in self.image_info() if s in failed and i not in recorded]
@@ -329,11 +355,13 @@ class Store:
     # -- features -----------------------------------------------------------------------
     def pending_images(self, backbone: str, step: str) -> list[tuple[int, str, str, int]]:
         """Images without current features for ``backbone``, skipping content already
-        recorded as bad in ``step``: ``(id, path, sha256, size_bytes)``."""
+        recorded as bad in ``step`` (not what may pass another time):
+        ``(id, path, sha256, size_bytes)``."""
         i, f, e = t.images.c, t.features.c, t.image_errors.c
         has_features = select(f.image_id).where(
             f.image_id == i.id, f.backbone == backbone, f.sha256 == i.sha256).exists()
-        known_bad = select(e.id).where(e.sha256 == i.sha256, e.step == step).exists()
+        known_bad = select(e.id).where(e.sha256 == i.sha256, e.step == step,
+                                       func.coalesce(e.retry, False).is_(False)).exists()
         return self._fetch(select(i.id, i.path, i.sha256, i.size_bytes)
                            .where(not_(has_features), not_(known_bad)).order_by(i.id))
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SAWarning
+from sqlalchemy.exc import (ArgumentError, DBAPIError, OperationalError, SAWarning,
+                            SQLAlchemyError)
 from sqlalchemy.schema import CreateColumn, CreateSchema
 
 from .. import checks
 from . import tables
-from .base import Store
+from .base import LEASE_KEY, Busy, Store
 
 DEFAULT_URL = "sqlite:///imgsim.db"
 
@@ -77,8 +79,17 @@ class SQLAlchemyStore(Store):
                 cursor.close()
 
         self.engine = engine
-        self._connection = None
+        self._local = threading.local()  # each thread's open transaction: a store is shared
         self._lock = None  # the file (SQLite) or connection (PostgreSQL) holding the lock
+
+    @property
+    def _connection(self):
+        return getattr(self._local, "connection", None)
+
+    @_connection.setter
+    def _connection(self, connection) -> None:
+        self._local.connection = connection
+        self._local.wrote = False
 
     @contextmanager
     def transaction(self):
@@ -89,6 +100,8 @@ class SQLAlchemyStore(Store):
             self._connection = connection
             try:
                 yield
+                if self._local.wrote:  # nothing is kept by a step that lost the database
+                    self._check_lease()
             finally:
                 self._connection = None
 
@@ -98,6 +111,7 @@ class SQLAlchemyStore(Store):
 
     def _write(self, statement, rows=None):
         with self.transaction():
+            self._local.wrote = True
             if rows is not None:
                 if rows:
                     self._connection.execute(statement, rows)
@@ -165,7 +179,10 @@ class SQLAlchemyStore(Store):
         if path is None:
             self._lock = None
             return True
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file: locking needs no write right
+            fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.mark_abandoned()  # no one else holds it
@@ -177,6 +194,26 @@ class SQLAlchemyStore(Store):
             raise
         self._lock = fd
         return True
+
+    def _check_lease(self) -> None:
+        """On PostgreSQL, while a step holds the database: its lease's connection is alive
+        and still holds the lease's key (a server or firewall may end idle connections)."""
+        if self.dialect_name == "sqlite" or self._lock is None:
+            return
+        connection, token = self._lock
+        try:
+            held = connection.execute(text(
+                "SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND "
+                "classid = :key AND objid = :token AND objsubid = 2 AND granted AND "
+                "pid = pg_catalog.pg_backend_pid()"),
+                {"key": LEASE_KEY, "token": token}).scalar()
+            connection.commit()
+        except DBAPIError:
+            held = 0
+        if held != 1:
+            raise Busy("this step lost its hold on the database (the connection holding "
+                       "imgsim's lease was ended): it stops here, without keeping its last "
+                       "part; run it again")
 
     def _lock_file(self) -> Path | None:
         database = self.engine.url.database  # by its real path: one lock however it is named
@@ -195,6 +232,8 @@ class SQLAlchemyStore(Store):
         try:
             self._lease_release(token)
             connection.commit()
+        except SQLAlchemyError:  # the connection was lost: its key went with its session
+            pass
         finally:
             self._connection = None
             connection.close()  # its session ends: its key with it, whatever happened

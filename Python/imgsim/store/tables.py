@@ -55,6 +55,7 @@ image_errors = Table(
     Column("step", String(40), nullable=False),
     Column("reason", Text, nullable=False),
     Column("at", DateTime(timezone=True), nullable=False),
+    Column("retry", Boolean),  # the failure may pass another time (more memory): tried again
 )
 
 features = Table(
