@@ -1,7 +1,8 @@
 # imgsim: `make demo` runs the whole pipeline on the embedded default (SQLite);
 # `make test` runs the test suite, on a throwaway PostgreSQL 15 server too. Both set up
-# what they need first (`make test` installs PostgreSQL, PL/Python, pg_cron, pgvector
-# and the ODBC driver with apt when they are missing: it needs root or sudo).
+# what they need first (`make test` installs PostgreSQL, PL/Python, pg_cron, pgvector,
+# the ODBC driver and chromium with its driver, for the browser tests, with apt when they
+# are missing: it needs root or sudo).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -70,6 +70,31 @@ def photo_section() -> list[str]:
     return lines + [""]
 
 
+def web_section() -> list[str]:
+    """The similar-images endpoint of ``imgsim serve`` against the query called directly."""
+    web = in_subprocess("web_speed")
+    lines = ["## Web API (POST /api/similar, k 10)", "",
+             f"{web['requests']} uploads of new textures a measurement, among {web['images']} "
+             f"stored images; `imgsim serve --workers {web['workers']}`, one keep-alive "
+             "connection a client. Direct: `imgsim.rank.similar_images` in the benchmark's "
+             "process on SQLite (a store a client), `SELECT * FROM imgsim.similar_images(...)` "
+             "on PostgreSQL (a connection a client, the same analyst login as the app).", "",
+             "| database | clients | API req/s | API p50 / p99 ms | direct req/s "
+             "| direct p50 / p99 ms | API / direct |", "|---|---|---|---|---|---|---|"]
+    figures = []
+    for database in ("sqlite", "postgresql"):
+        for clients, r in web[database].items():
+            api, direct = r["api"], r["direct"]
+            lines.append(f"| {database} | {clients} | {api['requests_per_s']:.1f} | "
+                         f"{api['p50_ms']:.0f} / {api['p99_ms']:.0f} | "
+                         f"{direct['requests_per_s']:.1f} | {direct['p50_ms']:.0f} / "
+                         f"{direct['p99_ms']:.0f} | {r['ratio']:.2f}x |")
+            figures.append(row(f"API / direct, {database}, {clients} client(s)",
+                               f"{r['ratio']:.2f}x", ">= 0.8x", r["ratio"] >= 0.8))
+    return lines + ["", "| figure | measured | target | met |", "|---|---|---|---|",
+                    *figures, ""]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", action="store_true")
@@ -103,6 +128,8 @@ def main():
                        ("postgres_in_db", "in-database on PostgreSQL")):
         lines.append(row(label, f"{times[key]:.1f} s", "<= 60 s", times[key] <= 60))
     lines += [row("in-database / client", f"{ratio:.2f}x", "<= 1.15x", ratio <= 1.15), ""]
+
+    lines += web_section()
 
     exact = in_subprocess("ranking_speed", "exact")
     hnsw = in_subprocess("ranking_speed", "hnsw", str(1_000_000 if args.large else 100_000),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the PostgreSQL tests need on Debian 12, skipping what is there:
-# PostgreSQL 15 with PL/Python and pg_cron, Debian's ODBC driver, and pgvector, which
+# PostgreSQL 15 with PL/Python and pg_cron, Debian's ODBC driver, Debian's chromium and
+# chromium-driver (for the web page's browser tests), and pgvector, which
 # Debian 12 does not package for PostgreSQL 15: it is built from Debian's own source
 # package (trixie's), fetched through a temporary deb-src list.
 set -euo pipefail
@@ -9,7 +10,8 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 need=()
 for pkg in postgresql-15 postgresql-plpython3-15 postgresql-15-cron postgresql-server-dev-15 \
-           odbc-postgresql unixodbc unixodbc-dev build-essential dpkg-dev; do
+           odbc-postgresql unixodbc unixodbc-dev build-essential dpkg-dev \
+           chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -29,4 +31,4 @@ if [ ! -f "$($PG_CONFIG --sharedir)/extension/vector.control" ]; then
   make -s -C "$work/src" PG_CONFIG=$PG_CONFIG
   $SUDO make -s -C "$work/src" PG_CONFIG=$PG_CONFIG install
 fi
-echo "PostgreSQL 15, plpython3u, pg_cron, pgvector and odbc-postgresql are installed"
+echo "PostgreSQL 15, plpython3u, pg_cron, pgvector, odbc-postgresql and chromium are installed"

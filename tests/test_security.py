@@ -21,6 +21,7 @@ from psycopg import errors
 
 from conftest import SERVER_VENV, as_role, fresh_database, one, psql
 from imgsim import serverenv, settings
+from imgsim.cli import main
 from imgsim.deploy import deploy, drop_jobs, schedule_job, undeploy
 
 QUIET = {"server_venv": SERVER_VENV, "log": lambda *a: None}
@@ -154,6 +155,14 @@ def test_the_analyst_holds_no_table_and_writes_none(target):
             conn.execute("CALL imgsim.set_query_images(ARRAY[999999])")
         assert conn.execute("SELECT image_id FROM imgsim.query_images").fetchall() == [(first,)]
         conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+
+
+def test_an_analyst_running_a_step_from_the_client_is_told_how(target, capsys):
+    before = counts(target["dsn"])
+    assert main(["--db", target["analyst"], "--quiet", "prepare"]) == 2
+    err = capsys.readouterr().err
+    assert "permission denied" in err and "imgsim run --compute in-db" in err
+    assert len(err.strip().splitlines()) == 1 and counts(target["dsn"]) == before
 
 
 SHADOWS = """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import traceback
@@ -11,7 +12,7 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.exc import DBAPIError
 
-from . import backbones, lineage, routines, serverenv
+from . import backbones, checks, lineage, routines, serverenv
 from .checks import ParameterError
 from .deploy import DEFAULT_SERVER_VENV, deploy, drop_jobs, list_jobs, schedule_job, undeploy
 from .evaluate import DEFAULT_KS, check_chart_path, evaluate_model, ranking_chart
@@ -79,16 +80,30 @@ def _rank_args(p):
                    help="candidates kept per query (default: %(default)s)")
 
 
+def _common_args(p, before_command: bool):
+    """--db, --quiet and --debug: before the command, and after it too (where a value
+    given overrides the one before)."""
+    def default(value):
+        return value if before_command else argparse.SUPPRESS
+
+    p.add_argument("--db", default=default(DEFAULT_URL),
+                   help=f"SQLAlchemy database URL (default: {DEFAULT_URL})")
+    p.add_argument("--quiet", action="store_true", default=default(False),
+                   help="no progress bars")
+    p.add_argument("--debug", action="store_true", default=default(False),
+                   help="print the traceback of errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgsim", description="In-database image similarity: featurize images with a "
         "pretrained CNN, train a classifier, evaluate and rank similar images; every result "
         "is a table.")
-    parser.add_argument("--db", default=DEFAULT_URL,
-                        help="SQLAlchemy database URL (default: %(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--debug", action="store_true", help="print the traceback of errors")
+    _common_args(parser, before_command=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _common_args(common, before_command=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])
 
     p = sub.add_parser("sync", help="mirror a folder (one sub-folder per category) into images")
     p.add_argument("folder")
@@ -113,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-k ranking accuracy by L2 and cosine distance")
     _backbone_args(p, default=None)
     _evaluate_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="print the metrics as JSON instead of a table")
 
     p = sub.add_parser("rank", help="top-k most similar candidates of each query image")
     _backbone_args(p, default=None)
@@ -175,25 +192,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the HTML report of the latest results")
     p.add_argument("--out", default="imgsim_report.html", help="path (default: %(default)s)")
     p.add_argument("--sample-queries", type=int, default=8, help="queries shown (default: 8)")
+
+    p = sub.add_parser("serve", help="the web page and REST API (reads only: an analyst's "
+                                     "login is enough; needs the web extra)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes answering requests (default: %(default)s; each loads the "
+                        "models: about the cores, memory allowing)")
     return parser
 
 
 def _print_results_table(store) -> None:
+    """The current classifier's accuracy and ranking figures, on this database's images."""
     results = lineage.current_results(store)
     if results["train"] is None or results["evaluation"] is None:
         print(f"no consistent results to show: {results['note'] or 'run evaluate'}")
         return
     train = results["train"][2]
-    metrics = store.metric_rows(results["evaluation"][0])
-    top = {(m[0], m[1]): m[2] for m in metrics}
-    print(f"{'figure':<22}{'imgsim':>10}{'template*':>10}")
-    print(f"{'train accuracy':<22}{100 * train['train_accuracy']:>9.1f}%{89.7:>9.1f}%")
+    evaluation = results["evaluation"]
+    top = {(m[0], m[1]): m[2] for m in store.metric_rows(evaluation[0])}
+    print(f"results on this database's images ({train['train_images']} training, "
+          f"{train['test_images']} test, {evaluation[2].get('queries', 0)} ranking queries):")
+    print(f"  {'train accuracy':<18}{100 * train['train_accuracy']:>7.1f}%")
     if train["test_accuracy"] is not None:
-        print(f"{'test accuracy':<22}{100 * train['test_accuracy']:>9.1f}%{75.1:>9.1f}%")
-    for k, template in ((1, 35.5), (5, 62.0), (10, 69.5), (32, 89.5)):
+        print(f"  {'test accuracy':<18}{100 * train['test_accuracy']:>7.1f}%")
+    for k in (1, 5, 10, 32):
         if ("cosine", k) in top:
-            print(f"{'cosine top-' + str(k):<22}{100 * top['cosine', k]:>9.1f}%{template:>9.1f}%")
-    print("* the template's published figures, on its own 1,712 fashion images")
+            print(f"  {'cosine top-' + str(k):<18}{100 * top['cosine', k]:>7.1f}%")
+    print("(the template's published figures are on its own fashion images: bench/RESULTS.md "
+          "compares imgsim with them on those images)")
+
+
+def _print_metrics(results: list[dict]) -> None:
+    """evaluate's metrics as a table: top-k accuracy by distance, then the positive's
+    mean and median rank."""
+    distances = sorted({r["distance"] for r in results})
+    accuracy = {(r["distance"], r["k"]): r["accuracy"] for r in results}
+    ranks = {r["distance"]: r for r in results}
+    print(f"{'':<12}" + "".join(f"{d:>10}" for d in distances))
+    for k in sorted({r["k"] for r in results}):
+        print(f"{'top-' + str(k):<12}" + "".join(f"{100 * accuracy[d, k]:>9.1f}%"
+                                               for d in distances))
+    for name in ("mean_rank", "median_rank"):
+        print(f"{name.replace('_', ' '):<12}" + "".join(f"{ranks[d][name]:>10.1f}"
+                                                       for d in distances))
 
 
 def _database_command(args):
@@ -217,6 +261,22 @@ def _database_command(args):
             for job in list_jobs(dsn)]
 
 
+def _check_output_folder(path: str, option: str) -> None:
+    """Refuse, before any step runs, an output file whose folder does not exist."""
+    if not Path(path).resolve().parent.is_dir():
+        raise ParameterError(f"{option} {path}: its folder does not exist")
+
+
+def _hint(exc: Exception) -> str:
+    """What to do about a database refusal an analyst's login meets."""
+    orig = getattr(exc, "orig", exc)
+    if isinstance(orig, psycopg.errors.InsufficientPrivilege):
+        return (" (a login of imgsim_analyst runs the steps inside the database: imgsim run "
+                "--compute in-db, or CALL imgsim.featurize_images() and the other procedures "
+                "from SQL)")
+    return ""
+
+
 def main(argv=None) -> int:
     """Run the command; errors are one line on stderr (exit 2), Ctrl-C exits 130, and
     ``--debug`` prints the traceback as well."""
@@ -233,7 +293,7 @@ def main(argv=None) -> int:
         if args.debug:
             traceback.print_exc()
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"imgsim: error: {message}", file=sys.stderr)
+        print(f"imgsim: error: {message}{_hint(exc)}", file=sys.stderr)
         return 2
 
 
@@ -250,6 +310,18 @@ def _run(args) -> int:
     if args.command == "sql":
         print(routines.script(), end="")
         return 0
+    if args.command == "serve":  # before open_store: the app creates nothing
+        try:
+            from .web.app import serve
+        except ImportError as exc:
+            raise RuntimeError(f"imgsim serve needs the web extra: pip install 'imgsim[web]' "
+                               f"({exc})") from None
+        serve(args.db, args.host, args.port, checks.count("workers", args.workers, 1))
+        return 0
+    if args.command == "run":
+        _check_output_folder(args.report, "--report")
+    if args.command == "report":
+        _check_output_folder(args.out, "--out")
     if args.command == "run" and args.compute == "in-db":
         check_chart_path(args.chart)
         if args.workers is not None:
@@ -259,6 +331,9 @@ def _run(args) -> int:
             raise ParameterError("--fine-tune needs torch, which the database server does "
                                  "not have: run with --compute local against the same "
                                  "--db (the tuned backbone is stored in the database)")
+        if not args.db.startswith(("postgresql", "postgres:")):
+            raise ParameterError("--compute in-db calls the procedures deployed in a "
+                                 "PostgreSQL database: --db must be its postgresql:// URL")
         run_in_database(args.db, args.folder, backbone=args.backbone, weights=args.weights,
                         ratio_train_test=args.ratio_train_test,
                         max_query_imgs_per_subdir=args.max_query_imgs_per_subdir,
@@ -275,6 +350,10 @@ def _run(args) -> int:
             Path(args.chart).write_bytes(ranking_chart(store.metric_rows(evaluation[0])))
         print(f"report: {write_report(store, args.report).resolve()}")
         return 0
+    if args.command in ("featurize", "report") and not store.categories():
+        raise ParameterError(f"{store.engine.url.render_as_string(hide_password=True)} has no "
+                             "images yet: run imgsim sync FOLDER first (one sub-folder of "
+                             "images per category)")
     if args.command == "sync":
         result = sync_image_folder(store, args.folder, args.replace, progress=progress)
     elif args.command == "featurize":
@@ -290,6 +369,9 @@ def _run(args) -> int:
     elif args.command == "evaluate":
         result = evaluate_model(store, args.ks, args.space, args.backbone, weights,
                                 args.chart)
+        if not args.json:
+            _print_metrics(result)
+            return 0
     elif args.command == "rank":
         result = rank_candidates(store, args.top_k_candidates, args.space,
                                  args.include_self, args.backbone, weights)

@@ -345,8 +345,10 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores",
     [(17, 'striped/s1.jpg', 'striped', 0.0004), ...]
     """
     check_k("k", k)
-    asked = query(store, image, space)
-    return nearest(store, asked.vector, k, space, asked.feature_key, category, max_distance)
+    with store.transaction():  # one connection and transaction for the query's reads
+        asked = query(store, image, space)
+        return nearest(store, asked.vector, k, space, asked.feature_key, category,
+                       max_distance)
 
 
 def similar_to(store, image_id: int, k: int = 10, space: str = "scores",
@@ -357,15 +359,18 @@ def similar_to(store, image_id: int, k: int = 10, space: str = "scores",
     image_id = checks.count("image_id", image_id, 1)
     check_k("k", k)
     checks.choice("space", space, SPACES)
-    _, meta, _ = _current_models(store, space)
-    key = meta["feature_key"]
-    ids, _, matrix = space_vectors(store, space, key, [image_id])
-    if len(ids) == 0:
-        if not store.image_info([image_id]):
-            raise checks.UnknownImage(f"image {image_id} is not in the images table")
-        reasons = [r for i, _, r in store.image_errors_of([image_id])]
-        if reasons:
-            raise ImageError(f"image {image_id} could not be used: {reasons[0]}")
-        again = "featurize and refresh" if space == "scores" else "featurize"
-        raise lineage.StaleInputs(f"image {image_id} has no {space} vector yet: run {again}")
-    return nearest(store, matrix[0], k, space, key, category, max_distance, exclude=image_id)
+    with store.transaction():
+        _, meta, _ = _current_models(store, space)
+        key = meta["feature_key"]
+        ids, _, matrix = space_vectors(store, space, key, [image_id])
+        if len(ids) == 0:
+            if not store.image_info([image_id]):
+                raise checks.UnknownImage(f"image {image_id} is not in the images table")
+            reasons = [r for i, _, r in store.image_errors_of([image_id])]
+            if reasons:
+                raise ImageError(f"image {image_id} could not be used: {reasons[0]}")
+            again = "featurize and refresh" if space == "scores" else "featurize"
+            raise lineage.StaleInputs(f"image {image_id} has no {space} vector yet: "
+                                      f"run {again}")
+        return nearest(store, matrix[0], k, space, key, category, max_distance,
+                       exclude=image_id)

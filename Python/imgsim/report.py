@@ -1,10 +1,13 @@
-"""report: one self-contained HTML file of the latest results of one lineage.
+"""report: the results page of the latest results of one lineage, as one self-contained file.
 
-Which split, classifier and features the results come from; classifier accuracy, the
-ranking chart and metrics, a confusion matrix of the test images, copies and label
-conflicts the split found, the images that could not be used, and for a sample of
-queries their top-K candidates as thumbnails with distances (green: same category).
-Results computed from an earlier split or classifier are not shown (see
+The page is the template ``results.html`` of :mod:`imgsim.web`, the one ``imgsim serve``
+shows at /results: which split, classifier and features the results come from (with
+their runs' parameters, seeds and times), classifier accuracy overall and per category,
+a confusion matrix of the test images, copies and label conflicts the split found, the
+ranking chart and metrics, the evaluation queries whose positive ranked lowest, the
+images that could not be used, and for a sample of queries their top-K candidates as
+thumbnails with distances (green: same category). In the file, images are embedded as
+data: URIs. Results computed from an earlier split or classifier are not shown (see
 :func:`imgsim.lineage.current_results`).
 """
 
@@ -12,23 +15,36 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from html import escape
+import functools
+import io
 from pathlib import Path
 
 import numpy as np
 
 from . import checks, lineage
-from .evaluate import ranking_chart
+from .evaluate import query_ranks
 from .images import ImageError, thumbnail
 
-STYLE = """body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}
-.q img{border:3px solid #555}.hit img{border:3px solid #2a2}.miss img{border:3px solid #c33}
-figure{display:inline-block;margin:2px;text-align:center;font-size:11px}"""
+WEB = Path(__file__).with_name("web")
+STEPS = {"split": "prepare_data", "train": "train_classifier", "evaluation": "evaluate_model",
+         "ranking": "rank_candidates"}
+THUMBNAIL = 96  # pixels, in the file
 
 
-def _img(data: bytes, mime: str = "image/jpeg") -> str:
-    return f'<img src="data:{mime};base64,{base64.b64encode(data).decode()}">'
+@functools.cache
+def templates():
+    """The Jinja2 environment of the web package's templates (HTML autoescaped); imported
+    here, not at module level: the server-side environment has no Jinja2."""
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader([WEB / "templates", WEB / "static"]),
+        autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined)
+
+
+def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def confusion(labels, predicted, classes) -> np.ndarray:
@@ -65,130 +81,139 @@ def _seen(results) -> tuple:
 
 
 def _html(store, results, sample_queries: int) -> str:
-    parts = [f"<!doctype html><meta charset='utf-8'><title>imgsim report</title>"
-             f"<style>{STYLE}</style><h1>imgsim report</h1>"
-             f"<p>Written {dt.datetime.now().isoformat(timespec='seconds')}.</p>"]
-    parts.append(_lineage_html(results))
-    train = results["train"]
-    if train:
-        counts = train[2]
-        test_acc = counts.get("test_accuracy")
-        parts.append(f"<h2>Classifier</h2><p>Model <code>{escape(counts['model'])}</code>: "
-                     f"training accuracy {100 * counts['train_accuracy']:.1f}%, test accuracy "
-                     f"{'n/a' if test_acc is None else f'{100 * test_acc:.1f}%'}.</p>")
-        parts.append(_confusion_html(store))
+    """The page with every image embedded (unreadable ones have no thumbnail)."""
+    page = results_page(store, results, sample_queries)
+    thumbs = {}
+    for image_id, data in store.image_data(page["images"]).items():
+        try:
+            thumbs[image_id] = data_uri(thumbnail(data, THUMBNAIL))
+        except ImageError:
+            pass
+    return templates().get_template("results.html").render(
+        page, thumb=thumbs.get, similar=None, cell=None, nav=False)
+
+
+def results_page(store, results, sample_queries: int = 8, worst_queries: int = 8) -> dict:
+    """What the results page shows of ``results`` (:func:`imgsim.lineage.current_results`),
+    for the template ``results.html``; ``images`` are the ids of the images it shows."""
+    page = {"written": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "runs": _runs(store, results), "note": results["note"], "confusion": None,
+            "evaluation": None, "worst": None, "samples": None}
+    if results["train"]:
+        page["confusion"] = _confusion_html(store)
     evaluation = results["evaluation"]
     if evaluation:
         metrics = store.metric_rows(evaluation[0])
-        parts.append(f"<h2>Ranking accuracy ({_space(evaluation[1])}, "
-                     f"{evaluation[2]['queries']} queries, evaluate run {evaluation[0]})</h2>")
-        parts.append(_img(ranking_chart(metrics), "image/png"))
-        parts.append(_metrics_html(metrics))
-    errors = store.image_error_rows()
-    parts.append(f"<h2>Images not used ({len(errors)})</h2>")
-    if errors:
-        parts.append("<table><tr><th>path</th><th>step</th><th>reason</th></tr>" + "".join(
-            f"<tr><td>{escape(p)}</td><td>{escape(s)}</td><td>{escape(r)}</td></tr>"
-            for p, s, r, _ in errors) + "</table>")
-    ranking = results["ranking"]
-    if ranking:
-        parts.append(_ranking_html(store, ranking, sample_queries))
-    return "\n".join(parts)
+        page["evaluation"] = {"space": evaluation[1].get("space"),
+                              "feature_key": evaluation[1].get("feature_key"),
+                              "metrics": _metrics_table(metrics),
+                              "chart": data_uri(chart(metrics), "image/png")}
+        page["worst"] = _worst(store, evaluation[1], worst_queries)
+    page["errors"] = store.image_error_rows()
+    if results["ranking"]:
+        page["samples"] = _samples(store, results["ranking"], sample_queries)
+    shown = set()
+    for row in page["worst"] or []:
+        shown.update(row[:2])
+    for sample in (page["samples"] or {}).get("queries", []):
+        shown.add(sample[0])
+        shown.update(c[1] for c in sample[1])
+    page["images"] = sorted(shown)
+    page["info"] = {i: (p, c) for i, p, c, _ in store.image_info(shown)} if shown else {}
+    return page
 
 
-def _space(params) -> str:
-    """Which vectors a ranking compared: the classifier's scores, or which features."""
-    if params.get("space") == "features":
-        return f"features <code>{escape(str(params.get('feature_key')))}</code>"
-    return "classifier scores"
+def _runs(store, results) -> dict:
+    """The runs behind ``results``: id, seed, parameters, counts and times (UTC, as runs
+    keeps them), by part (None for a part not shown)."""
+    found = dict.fromkeys(STEPS)
+    for part, step in STEPS.items():
+        if results[part] is None:
+            continue
+        run_id, parameters, counts = results[part][:3]
+        row = next((r for r in store.run_rows(step, limit=50) if r[0] == run_id), None)
+        started, finished = (row[3], row[4]) if row else (None, None)
+        found[part] = {"id": run_id, "parameters": parameters, "counts": counts,
+                       "seed": row[5] if row else None,
+                       "started": started and _utc(started),
+                       "took": (finished - started).total_seconds() if finished else None}
+    return found
 
 
-def _lineage_html(results) -> str:
-    """What the results below were computed from, and the split's copies and conflicts."""
-    split, train = results["split"], results["train"]
-    html = ["<h2>Lineage</h2><ul>"]
-    if split is not None:
-        counts = split[2]
-        html.append(f"<li>Split: prepare run {split[0]} (seed {split[3]}, features "
-                    f"<code>{escape(str(split[1].get('feature_key')))}</code>): "
-                    f"{counts.get('train')} training and {counts.get('test')} test images, "
-                    f"{counts.get('queries')} evaluation queries.</li>")
-        kept = "kept" if split[1].get("keep_conflicts") else "left out"
-        html.append(f"<li>Exact copies among the images: {counts.get('copies', 0)} (always on "
-                    f"one side of the split); label conflicts (one content under two "
-                    f"categories): {counts.get('conflicts', 0)}, "
-                    f"{counts.get('conflict_images', 0)} images, {kept}.</li>")
-        for left in counts.get("left_out") or []:
-            html.append(f"<li>Category <b>{escape(left['category'])}</b> left out: "
-                        f"{escape(left['reason'])}.</li>")
-    if train is not None:
-        html.append(f"<li>Classifier: train run {train[0]}, model "
-                    f"<code>{escape(train[2]['model'])}</code>, on features "
-                    f"<code>{escape(train[2]['feature_key'])}</code>.</li>")
-    if results["note"]:
-        html.append(f"<li><b>Not shown:</b> {escape(results['note'])}.</li>")
-    return "".join(html) + "</ul>"
+def _utc(moment: dt.datetime) -> str:
+    """A time of runs as UTC (SQLite gives it back without its zone, in UTC)."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(dt.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _confusion_html(store) -> str:
+def classified_test_images(store) -> list[tuple[int, str, str]]:
+    """``(image id, category, predicted category)`` of the scored test images."""
     ids, labels, predicted, _ = store.score_matrix()
     test = set(store.split()[1])
-    keep = [n for n, i in enumerate(ids.tolist()) if i in test]
-    labels = [labels[n] for n in keep]
-    predicted = [predicted[n] for n in keep]
+    return [(i, c, p) for i, c, p in zip(ids.tolist(), labels, predicted) if i in test]
+
+
+def _confusion_html(store) -> dict:
+    """The confusion section of the page: the test images' matrix (rows: true category,
+    columns: predicted) and each category's test accuracy."""
+    rows = classified_test_images(store)
+    labels, predicted = [r[1] for r in rows], [r[2] for r in rows]
     classes = sorted(set(labels) | set(predicted))
     matrix = confusion(labels, predicted, classes)
-    rows = []
-    for n, c in enumerate(classes):
-        total = max(matrix[n].sum(), 1)
-        cells = "".join(
-            f"<td style='background:rgba(40,120,200,{v / total:.2f})'>{v}</td>"
-            for v in matrix[n])
-        rows.append(f"<tr><th>{escape(c)}</th>{cells}</tr>")
-    head = "".join(f"<th>{escape(c[:8])}</th>" for c in classes)
-    return (f"<h3>Confusion matrix, test images (rows: true, columns: predicted)</h3>"
-            f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>")
+    return {"classes": classes, "matrix": matrix.tolist(),
+            "accuracy": [(c, int(matrix[n, n]), int(matrix[n].sum()))
+                         for n, c in enumerate(classes) if matrix[n].sum()]}
 
 
-def _metrics_html(metrics) -> str:
+def _metrics_table(metrics) -> dict:
+    """Top-k accuracy by distance and k, with mean and median ranks."""
     distances = sorted({m[0] for m in metrics})
-    ks = sorted({m[1] for m in metrics})
-    value = {(m[0], m[1]): m[2] for m in metrics}
-    ranks = {m[0]: (m[3], m[4]) for m in metrics}
-    head = "".join(f"<th>top-{k}</th>" for k in ks)
-    body = "".join(
-        f"<tr><th>{escape(d)}</th>" + "".join(f"<td>{100 * value[d, k]:.1f}%</td>" for k in ks)
-        + f"<td>{ranks[d][0]:.1f}</td><td>{ranks[d][1]:.0f}</td></tr>" for d in distances)
-    return (f"<table><tr><th>distance</th>{head}<th>mean rank</th><th>median rank</th></tr>"
-            f"{body}</table>")
+    return {"ks": sorted({m[1] for m in metrics}), "distances": distances,
+            "accuracy": {(m[0], m[1]): m[2] for m in metrics},
+            "ranks": {m[0]: (m[3], m[4]) for m in metrics}}
 
 
-def _ranking_html(store, ranking, sample: int) -> str:
+def chart(metrics) -> bytes:
+    """A PNG of top-k accuracy against k, one line per distance. The axis spans the values
+    (not 0 to 100%), so that distances and ks that differ by a point stay apart."""
+    from matplotlib.figure import Figure  # no pyplot: its global state is not for threads
+
+    figure = Figure(figsize=(6.4, 3.4), dpi=100, layout="tight")
+    axes = figure.subplots()
+    values = [100 * m[2] for m in metrics]
+    for (distance, style) in zip(sorted({m[0] for m in metrics}), ("o-", "s--", "^:")):
+        points = sorted((m[1], 100 * m[2]) for m in metrics if m[0] == distance)
+        axes.plot([k for k, _ in points], [a for _, a in points], style, label=distance)
+    low, high = min(values), max(values)
+    margin = max(high - low, 2.0) * 0.08
+    axes.set_ylim(max(0.0, low - margin), min(100.0, high) + margin)
+    axes.set_xticks(sorted({m[1] for m in metrics}))
+    axes.set_xlabel("k (positive within the top k candidates)")
+    axes.set_ylabel("accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _worst(store, params, count: int) -> list[tuple[int, int, int]]:
+    """``(query, positive, rank)`` of the evaluation queries whose positive ranked lowest
+    by cosine distance, in the evaluation's space (ranks above 1 only)."""
+    queries, positives, ranks = query_ranks(store, params.get("space", "scores"),
+                                            params.get("feature_key"), "cosine")
+    order = np.lexsort((queries, -ranks))[:count]
+    return [(int(queries[n]), int(positives[n]), int(ranks[n])) for n in order if ranks[n] > 1]
+
+
+def _samples(store, ranking, sample: int) -> dict:
+    """The top candidates of ``sample`` queries of a ranking, spread over its queries."""
     run_id, params, _ = ranking
     rows = store.ranking_rows(run_id)
     queries = sorted({r[0] for r in rows})
-    if not queries:
-        return ""
     chosen = [queries[n] for n in np.linspace(0, len(queries) - 1, min(sample, len(queries)),
-                                              dtype=int)]
-    chosen_rows = [r for r in rows if r[0] in set(chosen)]
-    ids = set(chosen) | {r[2] for r in chosen_rows}
-    info = {i: (p, c) for i, p, c, _ in store.image_info(ids)}
-    data = store.image_data(ids)
-    thumbs = {}
-    for i in ids:
-        try:
-            thumbs[i] = _img(thumbnail(data[i]))
-        except ImageError:
-            thumbs[i] = "(unreadable)"
-    html = [f"<h2>Top candidates for {len(chosen)} of {len(queries)} queries (rank run "
-            f"{run_id}, {_space(params)})</h2><table>"]
-    for q in chosen:
-        cells = [f"<td class='q'><figure>{thumbs[q]}<figcaption>{escape(info[q][1])}"
-                 f"</figcaption></figure></td>"]
-        for _, rank, c, distance in (r for r in chosen_rows if r[0] == q):
-            css = "hit" if info[c][1] == info[q][1] else "miss"
-            cells.append(f"<td class='{css}'><figure>{thumbs[c]}<figcaption>#{rank} "
-                         f"{distance:.3f}<br>{escape(info[c][1])}</figcaption></figure></td>")
-        html.append(f"<tr>{''.join(cells)}</tr>")
-    return "".join(html) + "</table>"
+                                              dtype=int)] if queries else []
+    return {"run": run_id, "space": params.get("space"),
+            "feature_key": params.get("feature_key"), "total": len(queries),
+            "queries": [(q, [r[1:] for r in rows if r[0] == q]) for q in chosen]}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from tqdm import tqdm
 
 from . import checks, finetune, lineage
 from .featurize import feature_key, featurize_images, onnx_session
@@ -170,8 +171,13 @@ def train_classifier(store, backbone: str | None = None, weights=None,
         classes = sorted(set(labels[train_rows]))
         if len(classes) < 2:
             raise ValueError("the training images cover fewer than 2 categories")
-        pipeline = fit(make_classifier(kind, seed), matrix[train_rows],
-                       labels[train_rows].astype(str), store.check_interrupts)
+        with tqdm(desc=f"train {kind}", unit=" epochs", disable=not progress) as bar:
+            def each_epoch():
+                store.check_interrupts()
+                bar.update()
+
+            pipeline = fit(make_classifier(kind, seed), matrix[train_rows],
+                           labels[train_rows].astype(str), each_epoch)
         graph = to_onnx(pipeline, matrix.shape[1])
         name = f"{kind}-run{run.id}@{key}"
         predicted = np.array(Classifier(graph, classes).predict(matrix)[0], dtype=object)

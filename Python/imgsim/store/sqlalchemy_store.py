@@ -43,6 +43,10 @@ def check_url(url: str) -> str:
         raise checks.ParameterError(
             f"--db {url!r} is not a database URL (examples: sqlite:///imgsim.db, "
             "postgresql://user@host/dbname)") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise checks.ParameterError(
+            f"--db {parsed.drivername}://...: imgsim keeps its tables in SQLite or PostgreSQL "
+            "(sqlite:///imgsim.db, postgresql://user@host/dbname)")
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).parent
         if not folder.is_dir():
