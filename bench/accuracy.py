@@ -1,8 +1,9 @@
 """Accuracy over 5 seeds on the reference set, with the default configuration (or with
 ``--fine-tune``): train/test accuracy and top-k ranking accuracy (cosine and L2, in score
-and feature space), as mean and standard deviation, and the seconds train_classifier
-took. Featurized once; each seed draws its own split and evaluation set, and trains its
-own classifier (and, fine-tuned, its own backbone).
+and feature space, and combined), edited copies of the queries ranked first and their mean
+rank, as mean and standard deviation, and the seconds train_classifier took. Featurized
+once; each seed draws its own split and evaluation set, and trains its own classifier
+(and, fine-tuned, its own backbone).
 
     python -m bench.accuracy [--fine-tune]
 """
@@ -35,10 +36,15 @@ def main():
             figures.setdefault("train_seconds", []).append(time.perf_counter() - start)
             figures.setdefault("train_accuracy", []).append(trained["train_accuracy"])
             figures.setdefault("test_accuracy", []).append(trained["test_accuracy"])
-            for space in ("scores", "features"):
-                for m in evaluate_model(store, ks=KS, space=space):
-                    name = f"{space}_{m['distance']}_top{m['k']}"
-                    figures.setdefault(name, []).append(m["accuracy"])
+            for space in ("combined", "scores", "features"):
+                for m in evaluate_model(store, ks=KS, space=space, copies=True):
+                    if m["measure"] == "copy":
+                        for what in ("accuracy", "mean_rank"):
+                            figures.setdefault(f"{space}_{m['distance']}_copy_{what}",
+                                               []).append(m[what])
+                    else:
+                        name = f"{space}_{m['distance']}_top{m['k']}"
+                        figures.setdefault(name, []).append(m["accuracy"])
     emit({name: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)), "values": v}
           for name, v in figures.items()})
 

@@ -104,7 +104,7 @@ def test_upload_then_similar_to_this_then_the_results(served, browser, texture_f
     link.click()
     WebDriverWait(browser, 30).until(lambda d: urlparse(d.current_url).path == target.path)
     wait_for_results(browser, 6)
-    assert query_of(browser) == {"k": ["6"], "space": ["scores"]}
+    assert query_of(browser) == {"k": ["6"], "space": ["combined"]}
     assert f"#{image_id}" in browser.find_element(By.CSS_SELECTOR, ".asked").text
     shown = [urlparse(a.get_attribute("href")).path for a in
              browser.find_elements(By.CSS_SELECTOR, ".results a.similar")]
@@ -117,7 +117,7 @@ def test_upload_then_similar_to_this_then_the_results(served, browser, texture_f
     browser.find_element(By.XPATH, "//button[text()='Search again']").click()
     wait_for_results(browser, 4)  # the same image, a shorter URL: empty fields left out
     assert urlparse(browser.current_url).path == target.path
-    assert query_of(browser) == {"k": ["4"], "space": ["scores"]}
+    assert query_of(browser) == {"k": ["4"], "space": ["combined"]}
 
     browser.find_element(By.LINK_TEXT, "Results").click()
     WebDriverWait(browser, 30).until(lambda d: d.execute_script(

@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 
@@ -35,3 +37,41 @@ def test_topk_accuracy_is_the_share_within_k():
 def test_chart_is_a_png():
     png = ranking_chart([("cosine", 1, 0.4), ("cosine", 5, 0.7), ("l2", 1, 0.3)])
     assert png.startswith(b"\x89PNG")
+
+
+def test_edited_copies_are_four_jpegs_made_the_same_every_time(texture_folder):
+    from PIL import Image
+
+    from imgsim.evaluate import edited_copies
+
+    data = (texture_folder / "zebra/zebra_003.jpg").read_bytes()
+    copies = edited_copies(data)
+    assert copies == edited_copies(data) and len(set(copies)) == 4
+    original = Image.open(texture_folder / "zebra/zebra_003.jpg").size
+    sizes = [Image.open(io.BytesIO(c)).size for c in copies]
+    assert sizes[:3] == [original] * 3 and sizes[3] == (original[0] // 2, original[1] // 2)
+
+
+def test_copies_are_ranked_among_every_image(pipeline_store):
+    from imgsim import checks, evaluate_model
+
+    queries = len({q for q, _, _ in pipeline_store.evaluation_pairs()})
+    found = {}
+    for space in ("combined", "scores", "features"):
+        results = evaluate_model(pipeline_store, ks=[1], space=space, copies=True)
+        copies = {r["distance"]: r for r in results if r["measure"] == "copy"}
+        assert set(copies) == {"cosine", "l2"} and all(r["k"] == 1 for r in copies.values())
+        counts = pipeline_store.last_run("evaluate_model")[2]
+        assert counts["copies"] == 4 * queries
+        assert counts["copy_cosine_top1"] == copies["cosine"]["accuracy"]
+        assert pipeline_store.metric_rows(pipeline_store.last_run("evaluate_model")[0]) == [
+            (r["distance"], 1, r["accuracy"], r["mean_rank"], r["median_rank"])
+            for r in sorted(results, key=lambda r: r["distance"])
+            if r["measure"] == "template"]  # the copies' figures are not stored as top-k
+        found[space] = copies["cosine"]
+    # the features find the copies; the scores alone tie them with their whole category
+    assert found["features"]["accuracy"] > found["scores"]["accuracy"]
+    assert found["combined"]["accuracy"] > found["scores"]["accuracy"]
+    assert found["combined"]["mean_rank"] < found["scores"]["mean_rank"]
+    with pytest.raises(checks.ParameterError, match="copies"):
+        evaluate_model(pipeline_store, space="features", backbone="mobilenet_v2", copies=True)

@@ -92,6 +92,12 @@ def test_evaluate_model_returns_its_metrics_as_a_result_set(indb):
     stored = one(indb, "SELECT count(*) FROM imgsim.ranking_metrics WHERE run_id = "
                        "(SELECT max(id) FROM imgsim.runs WHERE step = 'evaluate_model')")[0]
     assert stored == 4
+    copies = psql(indb, "SELECT measure, distance, k, accuracy FROM imgsim.evaluate_model("
+                        "ks => ARRAY[1], copies => true) ORDER BY 1, 2").split()
+    assert [r.split("|")[:3] for r in copies] == [["copy", "cosine", "1"], ["copy", "l2", "1"],
+                                                  ["template", "cosine", "1"],
+                                                  ["template", "l2", "1"]]
+    assert 0 < float(copies[0].split("|")[3]) <= 1
 
 
 def test_similar_images_finds_the_image_itself_first(indb, server_folder):

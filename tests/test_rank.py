@@ -67,3 +67,23 @@ def test_similar_to_a_stored_image_and_filters(pipeline_store):
         similar_to(pipeline_store, 999999)
     with pytest.raises(checks.ParameterError, match="max_distance"):
         similar_to(pipeline_store, image_id, max_distance=3)
+
+
+def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
+    """Combined distance = (d_scores + w d_features) / (1 + w): where the classifier scores
+    images alike (ties in score space), the features order them."""
+    from imgsim.featurize import features_in_use
+    from imgsim.rank import FEATURE_WEIGHT, similar_to, unit_rows
+
+    ids, _, _, scores = pipeline_store.score_matrix()
+    _, _, features = pipeline_store.feature_matrix(features_in_use(pipeline_store), ids)
+    d_scores = 1 - unit_rows(scores) @ unit_rows(scores)[0]
+    d_features = 1 - unit_rows(features) @ unit_rows(features)[0]
+    expected = (d_scores + FEATURE_WEIGHT * d_features) / (1 + FEATURE_WEIGHT)
+    order = [n for n in np.argsort(expected, kind="stable") if n != 0][:8]
+    rows = similar_to(pipeline_store, int(ids[0]), k=8)
+    assert [r[0] for r in rows] == ids[order].tolist()
+    assert [r[3] for r in rows] == pytest.approx(expected[order], abs=1e-5)
+    tied = similar_to(pipeline_store, int(ids[0]), k=8, space="scores")
+    # score space ties most of a category (an order by id); the combined space does not
+    assert len({round(r[3], 4) for r in tied}) < len({round(r[3], 4) for r in rows}) == 8

@@ -162,7 +162,9 @@ def test_ranking_in_many_small_blocks_gives_the_same_rows(pipeline_store, monkey
     whole = pipeline_store.ranking_rows(rank_candidates(pipeline_store, 5)["run_id"])
     monkeypatch.setattr(settings.Budget, "ranking_block", lambda self, n: 3)
     blocks = pipeline_store.ranking_rows(rank_candidates(pipeline_store, 5)["run_id"])
-    assert blocks == whole
+    assert [row[:3] for row in blocks] == [row[:3] for row in whole]
+    # the matrix products of other shapes round the last bits of float32 otherwise
+    assert [row[3] for row in blocks] == pytest.approx([row[3] for row in whole], abs=1e-6)
 
 
 def test_two_runs_at_once_never_mix(pipeline_db, tmp_path):
@@ -708,7 +710,7 @@ def test_an_image_refused_for_memory_is_tried_again_once_the_setting_allows_it(s
 def test_backbone_and_weights_are_refused_where_they_choose_nothing(pipeline_store):
     runs = rows(pipeline_store, t.runs)
     for step in (evaluate_model, rank_candidates):
-        with pytest.raises(ParameterError, match="apply to space 'features'"):
+        with pytest.raises(ParameterError, match="compared in space 'features'"):
             step(pipeline_store, backbone="resnet18")
     assert rows(pipeline_store, t.runs) == runs
 

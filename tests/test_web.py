@@ -94,7 +94,7 @@ def test_similar_to_an_upload_is_what_similar_images_answers(client, db, texture
     assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4]
     assert first["image_url"] == f"/api/images/{first['image_id']}"
     assert first["thumbnail_url"] == f"/api/images/{first['image_id']}/thumbnail"
-    assert first["similar_url"] == f"/similar/{first['image_id']}?k=4&space=scores"
+    assert first["similar_url"] == f"/similar/{first['image_id']}?k=4&space=combined"
 
 
 def test_an_upload_search_filters_by_category_and_distance(client, texture_folder):
@@ -150,7 +150,7 @@ def test_a_search_by_a_stored_image_has_a_shareable_url(client, db):
     html = response.text
     assert html.count('<figure class="card hit') == 3 and "3 similar images" in html
     assert f"#{zebra} <span" in html and "probability" in html
-    assert "?k=3&amp;space=scores&amp;category=zebra" in html  # the links keep the search
+    assert "?k=3&amp;space=combined&amp;category=zebra" in html  # the links keep the search
     assert f'formaction="/similar/{zebra}"' in html
 
 
@@ -205,7 +205,7 @@ def test_categories_runs_and_metrics(client, db):
     assert len(train) == 1 and train[0]["counts"]["model"].startswith("mlp-run")
     metrics = client.get("/api/metrics").json()
     evaluation = lineage.current_results(store)["evaluation"]
-    assert metrics["run_id"] == evaluation[0] and metrics["space"] == "scores"
+    assert metrics["run_id"] == evaluation[0] and metrics["space"] == "combined"
     assert [(m["distance"], m["k"], m["accuracy"]) for m in metrics["metrics"]] == [
         row[:3] for row in store.metric_rows(evaluation[0])]
 

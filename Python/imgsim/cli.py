@@ -69,9 +69,10 @@ def _train_args(p):
 def _evaluate_args(p):
     p.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS),
                    help="k values of top-k accuracy (default: %(default)s)")
-    p.add_argument("--space", choices=SPACES, default="scores",
-                   help="vectors compared: classifier scores (the template's) or backbone "
-                        "features (default: %(default)s)")
+    p.add_argument("--space", choices=SPACES, default="combined",
+                   help="vectors compared: classifier scores with the features breaking "
+                        "near-ties, the scores alone (the template's), or backbone features "
+                        "(default: %(default)s)")
     p.add_argument("--chart", help="also write the ranking chart to this PNG file")
 
 
@@ -128,13 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-k ranking accuracy by L2 and cosine distance")
     _backbone_args(p, default=None)
     _evaluate_args(p)
+    p.add_argument("--copies", action="store_true",
+                   help="also rank four edited copies of each query among every image: how "
+                        "often the copy comes first")
     p.add_argument("--json", action="store_true",
                    help="print the metrics as JSON instead of a table")
 
     p = sub.add_parser("rank", help="top-k most similar candidates of each query image")
     _backbone_args(p, default=None)
     _rank_args(p)
-    p.add_argument("--space", choices=SPACES, default="scores", help="ranking space")
+    p.add_argument("--space", choices=SPACES, default="combined", help="ranking space")
     p.add_argument("--include-self", action="store_true", help="let a query rank itself")
 
     p = sub.add_parser("run", help="all steps: [sync], featurize, prepare, train, evaluate, "
@@ -226,18 +230,25 @@ def _print_results_table(store) -> None:
 
 
 def _print_metrics(results: list[dict]) -> None:
-    """evaluate's metrics as a table: top-k accuracy by distance, then the positive's
-    mean and median rank."""
-    distances = sorted({r["distance"] for r in results})
-    accuracy = {(r["distance"], r["k"]): r["accuracy"] for r in results}
-    ranks = {r["distance"]: r for r in results}
-    print(f"{'':<12}" + "".join(f"{d:>10}" for d in distances))
-    for k in sorted({r["k"] for r in results}):
-        print(f"{'top-' + str(k):<12}" + "".join(f"{100 * accuracy[d, k]:>9.1f}%"
+    """evaluate's metrics as a table: top-k accuracy by distance, the positive's mean and
+    median rank, and the edited copies' figures when measured."""
+    template = [r for r in results if r["measure"] == "template"]
+    distances = sorted({r["distance"] for r in template})
+    accuracy = {(r["distance"], r["k"]): r["accuracy"] for r in template}
+    ranks = {r["distance"]: r for r in template}
+    print(f"{'':<16}" + "".join(f"{d:>10}" for d in distances))
+    for k in sorted({r["k"] for r in template}):
+        print(f"{'top-' + str(k):<16}" + "".join(f"{100 * accuracy[d, k]:>9.1f}%"
                                                for d in distances))
     for name in ("mean_rank", "median_rank"):
-        print(f"{name.replace('_', ' '):<12}" + "".join(f"{ranks[d][name]:>10.1f}"
+        print(f"{name.replace('_', ' '):<16}" + "".join(f"{ranks[d][name]:>10.1f}"
                                                        for d in distances))
+    copies = {r["distance"]: r for r in results if r["measure"] == "copy"}
+    if copies:
+        print(f"{'copy first':<16}" + "".join(f"{100 * copies[d]['accuracy']:>9.1f}%"
+                                              for d in distances))
+        print(f"{'copy mean rank':<16}" + "".join(f"{copies[d]['mean_rank']:>10.1f}"
+                                                  for d in distances))
 
 
 def _database_command(args):
@@ -368,7 +379,7 @@ def _run(args) -> int:
                                   args.fine_tune, args.epochs, progress)
     elif args.command == "evaluate":
         result = evaluate_model(store, args.ks, args.space, args.backbone, weights,
-                                args.chart)
+                                args.chart, args.copies)
         if not args.json:
             _print_metrics(result)
             return 0

@@ -5,6 +5,11 @@ vectors are computed (score vectors by default, as in the template; or the raw
 features). Within each query, the positive's rank is one plus the number of
 negatives at a distance smaller than or equal to its own (ties count against the
 positive). Top-k accuracy is the share of queries whose positive ranks k or better.
+
+With ``copies``, a second measure, of what a person means by similar: each query is
+edited four ways (see :func:`edited_copies`), and each copy is ranked among every stored
+image by its distance to the query (ties count against it): how often the copy comes
+first, and its mean rank (the near-duplicate task of copy-detection benchmarks).
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks, lineage
+from PIL import ImageEnhance, ImageOps
+
+from . import checks, images, lineage, rank, settings
 from .featurize import features_in_use
-from .rank import SPACES, space_vectors
+from .rank import SPACES, ranking_key, space_vectors
 from .runs import recorded, stepwise
 
 DEFAULT_KS = (1, 2, 4, 5, 8, 10, 15, 20, 28, 32)
@@ -81,7 +88,7 @@ def ranking_chart(metrics: list[tuple], title: str = "Ranking accuracy") -> byte
     return buffer.getvalue()
 
 
-def query_ranks(store, space: str = "scores", feature_key: str | None = None,
+def query_ranks(store, space: str = "combined", feature_key: str | None = None,
                 distance: str = "cosine"):
     """``(query ids, positive ids, ranks)`` of the evaluation set: the rank of each query's
     positive among its candidates by ``distance`` in ``space`` (ties count against it)."""
@@ -92,7 +99,7 @@ def query_ranks(store, space: str = "scores", feature_key: str | None = None,
     row_of = {i: n for n, i in enumerate(ids.tolist())}
     missing = {int(i) for i in np.unique(pairs[:, :2]) if int(i) not in row_of}
     if missing:
-        again = ("train" if space == "scores" else
+        again = ("train" if space != "features" else
                  f"featurize --backbone {feature_key.split('-')[0]}")
         raise lineage.StaleInputs(f"{len(missing)} evaluation images have no {space} "
                                   f"vector: run {again}")
@@ -110,21 +117,74 @@ def check_chart_path(chart_path) -> None:
         raise checks.ParameterError(f"chart_path {chart_path}: its folder does not exist")
 
 
+def edited_copies(data: bytes, max_decode_bytes: int | None = None) -> list[bytes]:
+    """Four edited copies of an image file, as JPEG files (the same every time): its
+    middle 80% enlarged back, mirrored, brighter and more saturated, and at half size
+    (the last two at JPEG quality 50)."""
+    image = images.load_rgb(data, max_decode_bytes=max_decode_bytes)
+    width, height = image.size
+    edits = ((image.crop((width // 10, height // 10, width - width // 10,
+                          height - height // 10)).resize((width, height)), 85),
+             (ImageOps.mirror(image), 85),
+             (ImageEnhance.Color(ImageEnhance.Brightness(image).enhance(1.15)).enhance(1.3),
+              50),
+             (image.resize((max(1, width // 2), max(1, height // 2))), 50))
+    files = []
+    for edited, quality in edits:
+        out = io.BytesIO()
+        edited.save(out, "JPEG", quality=quality)
+        files.append(out.getvalue())
+    return files
+
+
+def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarray]:
+    """By distance, the rank of each edited copy of each evaluation query among every
+    stored image but the query, by distance to the query (ties count against the copy).
+    The copies are featurized and scored with the current classifier's graphs."""
+    queries = sorted({q for q, _, _ in store.evaluation_pairs()})
+    ids, _, matrix = space_vectors(store, space, feature_key)
+    row_of = {i: n for n, i in enumerate(ids.tolist())}
+    unit, squares = rank.unit_rows(matrix), np.einsum("ij,ij->i", matrix, matrix)
+    data = store.image_data(queries)
+    budget = settings.budget(store).decode_bytes
+    ranks = {d: [] for d in DISTANCES}
+    for query in queries:
+        store.check_interrupts()
+        row = row_of[query]
+        copied = np.array([rank.query(store, copy, space).vector
+                           for copy in edited_copies(data[query], budget)], np.float32)
+        to_all = {"cosine": 1.0 - unit @ unit[row],  # |a-b|^2 = |a|^2 + |b|^2 - 2ab
+                  "l2": np.sqrt(np.maximum(squares + squares[row] - 2 * matrix @ matrix[row],
+                                           0))}
+        to_copies = {"cosine": 1.0 - rank.unit_rows(copied) @ unit[row],
+                     "l2": np.sqrt(np.maximum(np.einsum("ij,ij->i", copied, copied)
+                                              + squares[row] - 2 * copied @ matrix[row], 0))}
+        for distance in DISTANCES:
+            others = np.delete(to_all[distance], row)
+            ranks[distance] += [1 + int(np.sum(others <= d)) for d in to_copies[distance]]
+    return {d: np.array(r, dtype=np.int64) for d, r in ranks.items()}
+
+
 @stepwise
-def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | None = None,
-                   weights=None, chart_path=None) -> list[dict]:
+def evaluate_model(store, ks=DEFAULT_KS, space: str = "combined", backbone: str | None = None,
+                   weights=None, chart_path=None, copies: bool = False) -> list[dict]:
     """Rank each evaluation query's positive by L2 and cosine distance; store the metrics.
 
     Parameters
     ----------
     ks : list of int
         The k of top-k accuracy (default 1 2 4 5 8 10 15 20 28 32).
-    space : {'scores', 'features'}
-        Classifier score vectors (the template's) or the raw backbone features: those of
-        ``backbone`` when given, else those the current classifier was trained on.
+    space : {'combined', 'scores', 'features'}
+        The vectors compared (see :mod:`imgsim.rank`): the classifier's scores with the
+        features breaking near-ties, the score vectors alone (the template's), or the raw
+        backbone features: those of ``backbone`` when given, else those the current
+        classifier was trained on.
     chart_path : path, optional
         Where to write the PNG chart as well (a client's file; not offered inside the
         server).
+    copies : bool
+        Also rank four edited copies of each query (module docstring); with the current
+        classifier's backbone only. Seconds per hundred queries.
 
     The evaluation is refused (:class:`~imgsim.lineage.StaleInputs`) when the classifier
     was trained on another split than the current one, or when sync removed images of
@@ -133,8 +193,10 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
 
     Returns
     -------
-    list of dicts ``distance, k, accuracy, mean_rank, median_rank``, also stored in
-    ranking_metrics under this run's id.
+    list of dicts ``measure, distance, k, accuracy, mean_rank, median_rank``: measure
+    ``template`` for the template's top-k accuracy, also stored in ranking_metrics under
+    this run's id; with ``copies``, measure ``copy`` (k 1: the share of copies ranked
+    first), also kept in the run's counts.
 
     Example
     -------
@@ -144,15 +206,17 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
     ks = checks.ks("ks", ks)
     checks.choice("space", space, SPACES)
     check_chart_path(chart_path)
-    if space == "scores" and (backbone is not None or weights is not None):
-        raise checks.ParameterError("backbone and weights choose the features compared: "
-                                    "they apply to space 'features'")
-    if weights is not None:
-        weights = store.readable_path(weights, "weights")
+    if not isinstance(copies, bool):
+        raise checks.ParameterError(f"copies must be true or false; got {copies!r}")
+    key = ranking_key(store, space, backbone, weights)
+    if copies and key is not None and key != features_in_use(store):
+        raise checks.ParameterError("copies are featurized with the current classifier's "
+                                    f"backbone: compare its features, not {key}")
     params = {"ks": ks, "space": space}
-    if space == "features":
-        params["feature_key"] = features_in_use(store, backbone, weights)
-    key = params.get("feature_key")
+    if key is not None:
+        params["feature_key"] = key
+    if copies:
+        params["copies"] = True
     with recorded(store, "evaluate_model", params, with_results=True) as run:  # no lock
         yield
         used = lineage.inputs(store, space, key)
@@ -161,16 +225,30 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "scores", backbone: str | 
         for distance in DISTANCES:
             ranks = query_ranks(store, space, key, distance)[2]
             for k, accuracy in topk_accuracy(ranks, ks).items():
-                results.append({"distance": distance, "k": k, "accuracy": accuracy,
-                                "mean_rank": float(np.mean(ranks)),
+                results.append({"measure": "template", "distance": distance, "k": k,
+                                "accuracy": accuracy, "mean_rank": float(np.mean(ranks)),
                                 "median_rank": float(np.median(ranks))})
+        copied = {}
+        if copies:
+            for distance, found in copy_ranks(store, space, key).items():
+                results.append({"measure": "copy", "distance": distance, "k": 1,
+                                "accuracy": float(np.mean(found == 1)),
+                                "mean_rank": float(np.mean(found)),
+                                "median_rank": float(np.median(found))})
+                copied.update({f"copy_{distance}_top1": results[-1]["accuracy"],
+                               f"copy_{distance}_mean_rank": results[-1]["mean_rank"],
+                               "copies": len(found)})
+        template = [r for r in results if r["measure"] == "template"]
         if chart_path:  # before anything is stored: a chart that cannot be written fails it
             Path(chart_path).write_bytes(ranking_chart(
-                [(r["distance"], r["k"], r["accuracy"]) for r in results],
+                [(r["distance"], r["k"], r["accuracy"]) for r in template],
                 f"Ranking accuracy ({space})"))
         with store.transaction():
-            store.add_ranking_metrics(run.start(), results)
+            store.add_ranking_metrics(run.start(), [
+                {k: r[k] for k in ("distance", "k", "accuracy", "mean_rank", "median_rank")}
+                for r in template])
             lineage.unchanged(store, used, space, key, True, "evaluation")
             run.succeed(**used, queries=int(len(ranks)), pairs=store.evaluation_pair_count(),
-                        **{f"{r['distance']}_top{r['k']}": r["accuracy"] for r in results})
+                        **{f"{r['distance']}_top{r['k']}": r["accuracy"] for r in template},
+                        **copied)
     return results

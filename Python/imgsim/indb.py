@@ -48,7 +48,8 @@ def _query(function):
 
 
 def _metrics(store, **arguments):
-    return [(m["distance"], m["k"], m["accuracy"], m["mean_rank"], m["median_rank"])
+    return [(m["distance"], m["k"], m["accuracy"], m["mean_rank"], m["median_rank"],
+             m["measure"])
             for m in (yield from evaluate_model.stretches(store, **arguments))]
 
 

@@ -98,7 +98,7 @@ def check_evaluation_set(store, split) -> None:
 def uses_classifier(space: str, feature_key: str | None, train) -> bool:
     """Whether results in ``space`` depend on the classifier: its scores, or the features
     of a backbone tuned on its training images."""
-    if space == "scores":
+    if space != "features":
         return True
     return train is not None and feature_key == train[2].get("feature_key") and \
         "-tuned@" in (feature_key or "")
@@ -112,7 +112,7 @@ def inputs(store, space: str, feature_key: str | None = None, need_split: bool =
     record = {"prepare_run": None if split is None else split[0]}
     if uses_classifier(space, feature_key, train):
         train = current_classifier(store)
-        if space == "scores":
+        if space != "features":
             check_scores(store, train)
         record.update(train_run=train[0], model=train[2]["model"])
     if feature_key is not None:
@@ -136,8 +136,8 @@ def unchanged(store, used: dict, space: str, feature_key, need_split: bool, what
 
 def current_results(store) -> dict:
     """The latest results of one consistent lineage, for reports: the current split, its
-    classifier, and the latest evaluation and ranking computed from them (a scores-space
-    one first, else one in the classifier's own feature space). A part that is missing or
+    classifier, and the latest evaluation and ranking computed from them (in the combined
+    space first, then scores, then the classifier's own feature space). A part that is missing or
     stale is None, and ``note`` says why."""
     found = {"split": None, "train": None, "evaluation": None, "ranking": None, "note": None}
     try:
@@ -157,8 +157,9 @@ def current_results(store) -> dict:
     def matches(params, counts, space):
         if counts.get("prepare_run") not in (None, split[0]) or params.get("space") != space:
             return False
-        if space == "scores":
-            return found["train"] is not None and counts.get("train_run") == found["train"][0]
+        if space != "features":
+            return (found["train"] is not None and counts.get("train_run") == found["train"][0]
+                    and params.get("feature_key") == (key if space == "combined" else None))
         return params.get("feature_key") == key and (
             "train_run" not in counts or (found["train"] is not None
                                           and counts["train_run"] == found["train"][0]))
@@ -166,7 +167,7 @@ def current_results(store) -> dict:
     for step, name in (("evaluate_model", "evaluation"), ("rank_candidates", "ranking")):
         runs = [r for r in store.run_rows(step, limit=50)
                 if r[2] == "succeeded" and r[7] and "prepare_run" in r[7]]
-        for space in ("scores", "features"):
+        for space in ("combined", "scores", "features"):
             chosen = next((r for r in runs if matches(r[6], r[7], space)), None)
             if chosen is not None:
                 found[name] = (chosen[0], chosen[6], chosen[7])

@@ -22,7 +22,7 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
                          weights=None, ratio_train_test: float = 0.75,
                          max_query_imgs_per_subdir: int = 20,
                          max_neg_imgs_per_query_img: int = 100, top_k_candidates: int = 10,
-                         ks=DEFAULT_KS, kind: str = "mlp", space: str = "scores",
+                         ks=DEFAULT_KS, kind: str = "mlp", space: str = "combined",
                          seed: int = DEFAULT_SEED, fine_tune: bool = False,
                          epochs: int = DEFAULT_EPOCHS, chart_path=None,
                          progress: bool = True, replace: bool = False,
@@ -82,7 +82,7 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
 
 
 @stepwise
-def refresh(store, top_k_candidates: int = 10, space: str = "scores") -> dict:
+def refresh(store, top_k_candidates: int = 10, space: str = "combined") -> dict:
     """The scheduled job: featurize new images, re-score every image with the current
     classifier, rank again (refused, saying what to run, when the classifier is stale)."""
     check_k("top_k_candidates", top_k_candidates)

@@ -5,9 +5,18 @@ product against all (unit-normalised) candidates, followed by a partial sort
 (``argpartition``) of each row; ties are broken by candidate id. Stored rankings are
 exact, the same on a client and in the server; ``similar_images`` on one new image uses
 pgvector's HNSW index in feature space where the server has it (approximate: recall@10
-0.993 in bench/RESULTS.md). The query itself
-is excluded unless ``include_self``. The ranking space is the classifier's score
-vectors (the template's) or the backbone features.
+0.993 in bench/RESULTS.md). The query itself is excluded unless ``include_self``.
+
+The ranking space is one of:
+
+- ``combined`` (the default): the classifier's score vector and the backbone features,
+  each unit-normalised, the features weighted by ``FEATURE_WEIGHT``; the cosine distance
+  is then ``(d_scores + w d_features) / (1 + w)``. The scores decide between categories;
+  among images the classifier scores alike (a confident classifier scores most of a
+  category alike) the features decide, so the most similar come first instead of a tie
+  broken by id.
+- ``scores``: the classifier's score vectors alone (the template's).
+- ``features``: the backbone features alone.
 """
 
 from __future__ import annotations
@@ -24,7 +33,11 @@ from .images import ImageError
 from .runs import recorded, stepwise
 from .sync import MAX_FILE_BYTES
 
-SPACES = ("scores", "features")
+SPACES = ("combined", "scores", "features")
+# Reference set, seed 42 (template top-k by cosine / edited copies of the queries ranked
+# first): weight 0: 48.2% top-1, 91.8% top-32 / 16%; 0.1: 50.0%, 91.8% / 69%; 0.3: 47.7%,
+# 91.4% / 76%; 1: 42.3%, 89.5% / 82%; features alone: 6.4%, 50.0% / 94%.
+FEATURE_WEIGHT = 0.1
 MAX_K = 1000
 MAX_QUERIES = 100_000
 MAX_RANKING_ROWS = 5_000_000  # a run's results; the results of the last KEEP_RANKINGS
@@ -91,15 +104,40 @@ def _best_of_rows(sims: np.ndarray, k: int):
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_sims, order, axis=1)
 
 
+def combined(scores: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Rows of the combined space: unit scores beside unit features weighted by
+    ``FEATURE_WEIGHT`` (the weight of their cosine in the combined cosine)."""
+    return np.hstack([unit_rows(scores), np.sqrt(FEATURE_WEIGHT) * unit_rows(features)])
+
+
 def space_vectors(store, space: str, key: str | None, ids=None):
     """``(ids, categories, matrix)`` of every image's vector in ``space`` (of images
-    ``ids`` only, when given): the classifier's scores, or the features kept under
-    ``key``."""
+    ``ids`` only, when given): the classifier's scores, the features kept under ``key``
+    (the classifier's, in the combined space), or both combined."""
+    if space == "features":
+        return store.feature_matrix(key, ids)
+    found, categories, _, matrix = store.score_matrix(ids)
     if space == "scores":
-        found, categories, _, matrix = store.score_matrix(ids)
-    else:
-        found, categories, matrix = store.feature_matrix(key, ids)
-    return found, categories, matrix
+        return found, categories, matrix
+    with_features, _, features = store.feature_matrix(key, ids)
+    keep = np.isin(found, with_features)  # scores are made from features: all, as a rule
+    rows = np.searchsorted(with_features, found[keep])
+    return (found[keep], [c for c, k in zip(categories, keep) if k],
+            combined(matrix[keep], features[rows]))
+
+
+def ranking_key(store, space: str, backbone, weights) -> str | None:
+    """The feature key a step ranking in ``space`` compares: ``backbone``'s, or the
+    current classifier's (None in score space, where neither may be given)."""
+    if space != "features" and (backbone is not None or weights is not None):
+        raise checks.ParameterError("backbone and weights choose the features compared in "
+                                    "space 'features'; the other spaces use the "
+                                    "classifier's")
+    if space == "scores":
+        return None
+    if weights is not None:
+        weights = store.readable_path(weights, "weights")
+    return features_in_use(store, backbone, weights)
 
 
 def check_k(name: str, k) -> int:
@@ -110,7 +148,7 @@ def check_k(name: str, k) -> int:
 
 
 @stepwise
-def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
+def rank_candidates(store, top_k_candidates: int = 10, space: str = "combined",
                     include_self: bool = False, backbone: str | None = None,
                     weights=None, query_table: str = "query_images") -> dict:
     """Rank every scored (or featurized) image as a candidate for each query image.
@@ -133,16 +171,11 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
     checks.identifier("query_table", query_table)
     if not isinstance(include_self, bool):
         raise checks.ParameterError(f"include_self must be true or false; got {include_self!r}")
-    if space == "scores" and (backbone is not None or weights is not None):
-        raise checks.ParameterError("backbone and weights choose the features compared: "
-                                    "they apply to space 'features'")
-    if weights is not None:
-        weights = store.readable_path(weights, "weights")
+    key = ranking_key(store, space, backbone, weights)
     params = {"top_k_candidates": top_k, "space": space, "include_self": include_self,
               "query_table": query_table}
-    if space == "features":
-        params["feature_key"] = features_in_use(store, backbone, weights)
-    key = params.get("feature_key")
+    if key is not None:
+        params["feature_key"] = key
     store.query_ids(query_table)  # a table that cannot be read is refused here
     with recorded(store, "rank_candidates", params, with_results=True) as run:  # no lock
         yield
@@ -160,13 +193,14 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "scores",
         ids, _, matrix = space_vectors(store, space, key)
         if len(ids) == 0:
             raise lineage.StaleInputs(
-                f"no image has {space}: run " + ("train" if space == "scores" else
-                                                 f"featurize --backbone {key.split('-')[0]}"))
+                f"no image has {space} vectors: run " + (
+                    "train" if space != "features" else
+                    f"featurize --backbone {key.split('-')[0]}"))
         row_of = {i: n for n, i in enumerate(ids.tolist())}
         without = [i for i in query_ids if i not in row_of]
         if without and from_split:
             raise lineage.StaleInputs(f"{len(without)} test images have no {space} vector: "
-                                      f"run {'train' if space == 'scores' else 'featurize'} "
+                                      f"run {'train' if space != 'features' else 'featurize'} "
                                       "again")
         query_ids = [i for i in query_ids if i in row_of]
         if not query_ids:
@@ -254,7 +288,7 @@ def _current_models(store, space: str = "features"):
     train = store.last_run("train_classifier")
     if train is None:
         raise lineage.StaleInputs("no classifier has been trained: run train first")
-    if space == "scores":
+    if space != "features":
         lineage.check_scores(store, train)
     model_name = train[2]["model"]
     digests = store.model_digests([model_name])
@@ -269,7 +303,7 @@ def _current_models(store, space: str = "features"):
     return model_name, meta, digests
 
 
-def query(store, image: bytes, space: str = "scores") -> Query:
+def query(store, image: bytes, space: str = "combined") -> Query:
     """Featurize and score one new ``image`` (bytes) with the current classifier's graphs
     (kept per process, by their SHA-256, so that only a first call reads them)."""
     from .featurize import Featurizer, prepare_answering
@@ -293,11 +327,13 @@ def query(store, image: bytes, space: str = "scores") -> Query:
     classifier = _cached(model_name, digests[model_name][0], lambda n: store.load_model(n)[0],
                          lambda graph: Classifier(graph, meta["classes"]))
     labels, scores = classifier.predict(features[None])
-    return Query(scores[0] if space == "scores" else features, labels[0],
-                 float(scores[0].max()), key)
+    vector = {"scores": scores[0], "features": features,
+              "combined": combined(scores, features[None])[0]}[space]
+    return Query(vector, labels[0], float(scores[0].max()), key)
 
 
-def nearest(store, vector, k: int = 10, space: str = "scores", feature_key: str | None = None,
+def nearest(store, vector, k: int = 10, space: str = "combined",
+            feature_key: str | None = None,
             category: str | None = None, max_distance: float | None = None,
             exclude: int | None = None) -> list[tuple]:
     """The ``k`` stored images nearest ``vector`` in ``space`` by cosine distance:
@@ -328,7 +364,7 @@ def nearest(store, vector, k: int = 10, space: str = "scores", feature_key: str 
     return [(i, info[i][0], info[i][1], d) for i, d in found]
 
 
-def similar_images(store, image: bytes, k: int = 10, space: str = "scores",
+def similar_images(store, image: bytes, k: int = 10, space: str = "combined",
                    category: str | None = None, max_distance: float | None = None
                    ) -> list[tuple]:
     """The ``k`` stored images most similar to a new ``image`` (bytes), by cosine distance.
@@ -351,7 +387,7 @@ def similar_images(store, image: bytes, k: int = 10, space: str = "scores",
                        max_distance)
 
 
-def similar_to(store, image_id: int, k: int = 10, space: str = "scores",
+def similar_to(store, image_id: int, k: int = 10, space: str = "combined",
                category: str | None = None, max_distance: float | None = None
                ) -> list[tuple]:
     """The ``k`` stored images most similar to stored image ``image_id`` (itself left
@@ -369,7 +405,7 @@ def similar_to(store, image_id: int, k: int = 10, space: str = "scores",
             reasons = [r for i, _, r in store.image_errors_of([image_id])]
             if reasons:
                 raise ImageError(f"image {image_id} could not be used: {reasons[0]}")
-            again = "featurize and refresh" if space == "scores" else "featurize"
+            again = "featurize and refresh" if space != "features" else "featurize"
             raise lineage.StaleInputs(f"image {image_id} has no {space} vector yet: "
                                       f"run {again}")
         return nearest(store, matrix[0], k, space, key, category, max_distance,

@@ -201,7 +201,7 @@ def chart(metrics) -> bytes:
 def _worst(store, params, count: int) -> list[tuple[int, int, int]]:
     """``(query, positive, rank)`` of the evaluation queries whose positive ranked lowest
     by cosine distance, in the evaluation's space (ranks above 1 only)."""
-    queries, positives, ranks = query_ranks(store, params.get("space", "scores"),
+    queries, positives, ranks = query_ranks(store, params.get("space", "combined"),
                                             params.get("feature_key"), "cosine")
     order = np.lexsort((queries, -ranks))[:count]
     return [(int(queries[n]), int(positives[n]), int(ranks[n])) for n in order if ranks[n] > 1]

@@ -80,14 +80,16 @@ ROUTINES = (
     Routine("evaluate_model",
             "Top-k ranking accuracy by L2 and cosine distance; stored in "
             "imgsim.ranking_metrics and returned.",
-            (_p("ks", "imgsim.k_list", KS), _p("space", TEXT, "'scores'"),
-             _p("backbone", TEXT, NULL), _p("weights", TEXT, NULL)),
+            (_p("ks", "imgsim.k_list", KS), _p("space", TEXT, "'combined'"),
+             _p("backbone", TEXT, NULL), _p("weights", TEXT, NULL),
+             _p("copies", BOOL, "false")),
             "TABLE(distance pg_catalog.text, k pg_catalog.int4, accuracy pg_catalog.float8, "
-            "mean_rank pg_catalog.float8, median_rank pg_catalog.float8)"),
+            "mean_rank pg_catalog.float8, median_rank pg_catalog.float8, "
+            "measure pg_catalog.text)"),
     Routine("rank_candidates",
             "The top_k_candidates most similar images of each query image, into "
             "imgsim.ranking_results.",
-            (_p("top_k_candidates", INT, "10"), _p("space", TEXT, "'scores'"),
+            (_p("top_k_candidates", INT, "10"), _p("space", TEXT, "'combined'"),
              _p("include_self", BOOL, "false"), _p("query_table", TEXT, "'query_images'"),
              _p("backbone", TEXT, NULL), _p("weights", TEXT, NULL))),
     Routine("set_query_images",
@@ -99,21 +101,21 @@ ROUTINES = (
              _p("ratio_train_test", FLOAT, "0.75"), _p("max_query_imgs_per_subdir", INT, "20"),
              _p("max_neg_imgs_per_query_img", INT, "100"), _p("top_k_candidates", INT, "10"),
              _p("ks", "imgsim.k_list", KS), _p("kind", TEXT, "'mlp'"),
-             _p("space", TEXT, "'scores'"), _p("seed", INT, "42"), _p("weights", TEXT, NULL),
+             _p("space", TEXT, "'combined'"), _p("seed", INT, "42"), _p("weights", TEXT, NULL),
              _p("replace", BOOL, "false"), _p("keep_conflicts", BOOL, "false"))),
     Routine("refresh",
             "The scheduled job: featurize new images, re-score them with the current "
             "classifier, rank again.",
-            (_p("top_k_candidates", INT, "10"), _p("space", TEXT, "'scores'"))),
+            (_p("top_k_candidates", INT, "10"), _p("space", TEXT, "'combined'"))),
     Routine("similar_images",
             "Featurize and score one new image, and return the k most similar stored "
             "images, of one category and within a distance when given (writes nothing).",
-            (_p("image", "imgsim.image_file"), _p("k", INT, "10"), _p("space", TEXT, "'scores'"),
+            (_p("image", "imgsim.image_file"), _p("k", INT, "10"), _p("space", TEXT, "'combined'"),
              _p("category", TEXT, NULL), _p("max_distance", FLOAT, NULL)), SIMILAR),
     Routine("similar_to",
             "The k stored images most similar to a stored image, from its stored vector "
             "(writes nothing).",
-            (_p("image_id", INT), _p("k", INT, "10"), _p("space", TEXT, "'scores'"),
+            (_p("image_id", INT), _p("k", INT, "10"), _p("space", TEXT, "'combined'"),
              _p("category", TEXT, NULL), _p("max_distance", FLOAT, NULL)), SIMILAR),
 )
 

@@ -83,7 +83,7 @@ from imgsim.indb import call
 call(plpy, ''train_classifier'', {''kind'': kind, ''seed'': seed, ''backbone'': backbone, ''weights'': weights}, True)
 ';
 COMMENT ON PROCEDURE imgsim."train_classifier" IS 'Train the classifier on the current split (stored as ONNX in imgsim.models) and score every image.';
-CREATE FUNCTION imgsim."evaluate_model"("ks" imgsim.k_list DEFAULT ARRAY[1,2,4,5,8,10,15,20,28,32], "space" imgsim.short_text DEFAULT 'scores', "backbone" imgsim.short_text DEFAULT NULL, "weights" imgsim.short_text DEFAULT NULL) RETURNS TABLE(distance pg_catalog.text, k pg_catalog.int4, accuracy pg_catalog.float8, mean_rank pg_catalog.float8, median_rank pg_catalog.float8) LANGUAGE plpython3u AS 'import sys
+CREATE FUNCTION imgsim."evaluate_model"("ks" imgsim.k_list DEFAULT ARRAY[1,2,4,5,8,10,15,20,28,32], "space" imgsim.short_text DEFAULT 'combined', "backbone" imgsim.short_text DEFAULT NULL, "weights" imgsim.short_text DEFAULT NULL, "copies" pg_catalog.bool DEFAULT false) RETURNS TABLE(distance pg_catalog.text, k pg_catalog.int4, accuracy pg_catalog.float8, mean_rank pg_catalog.float8, median_rank pg_catalog.float8, measure pg_catalog.text) LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
@@ -96,10 +96,10 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     import imgsim.serverenv
     imgsim.serverenv.check(SITE, BUILD)
 from imgsim.indb import call
-return call(plpy, ''evaluate_model'', {''ks'': ks, ''space'': space, ''backbone'': backbone, ''weights'': weights}, False)
+return call(plpy, ''evaluate_model'', {''ks'': ks, ''space'': space, ''backbone'': backbone, ''weights'': weights, ''copies'': copies}, False)
 ';
 COMMENT ON FUNCTION imgsim."evaluate_model" IS 'Top-k ranking accuracy by L2 and cosine distance; stored in imgsim.ranking_metrics and returned.';
-CREATE PROCEDURE imgsim."rank_candidates"("top_k_candidates" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'scores', "include_self" pg_catalog.bool DEFAULT false, "query_table" imgsim.short_text DEFAULT 'query_images', "backbone" imgsim.short_text DEFAULT NULL, "weights" imgsim.short_text DEFAULT NULL) LANGUAGE plpython3u AS 'import sys
+CREATE PROCEDURE imgsim."rank_candidates"("top_k_candidates" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'combined', "include_self" pg_catalog.bool DEFAULT false, "query_table" imgsim.short_text DEFAULT 'query_images', "backbone" imgsim.short_text DEFAULT NULL, "weights" imgsim.short_text DEFAULT NULL) LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
@@ -131,7 +131,7 @@ from imgsim.indb import call
 call(plpy, ''set_query_images'', {''image_ids'': image_ids}, True)
 ';
 COMMENT ON PROCEDURE imgsim."set_query_images" IS 'Choose the query images of rank_candidates (an empty array: the test images).';
-CREATE PROCEDURE imgsim."run_image_similarity"("image_folder" imgsim.short_text DEFAULT NULL, "backbone" imgsim.short_text DEFAULT 'efficientnet_lite0', "ratio_train_test" pg_catalog.float8 DEFAULT 0.75, "max_query_imgs_per_subdir" pg_catalog.int4 DEFAULT 20, "max_neg_imgs_per_query_img" pg_catalog.int4 DEFAULT 100, "top_k_candidates" pg_catalog.int4 DEFAULT 10, "ks" imgsim.k_list DEFAULT ARRAY[1,2,4,5,8,10,15,20,28,32], "kind" imgsim.short_text DEFAULT 'mlp', "space" imgsim.short_text DEFAULT 'scores', "seed" pg_catalog.int4 DEFAULT 42, "weights" imgsim.short_text DEFAULT NULL, "replace" pg_catalog.bool DEFAULT false, "keep_conflicts" pg_catalog.bool DEFAULT false) LANGUAGE plpython3u AS 'import sys
+CREATE PROCEDURE imgsim."run_image_similarity"("image_folder" imgsim.short_text DEFAULT NULL, "backbone" imgsim.short_text DEFAULT 'efficientnet_lite0', "ratio_train_test" pg_catalog.float8 DEFAULT 0.75, "max_query_imgs_per_subdir" pg_catalog.int4 DEFAULT 20, "max_neg_imgs_per_query_img" pg_catalog.int4 DEFAULT 100, "top_k_candidates" pg_catalog.int4 DEFAULT 10, "ks" imgsim.k_list DEFAULT ARRAY[1,2,4,5,8,10,15,20,28,32], "kind" imgsim.short_text DEFAULT 'mlp', "space" imgsim.short_text DEFAULT 'combined', "seed" pg_catalog.int4 DEFAULT 42, "weights" imgsim.short_text DEFAULT NULL, "replace" pg_catalog.bool DEFAULT false, "keep_conflicts" pg_catalog.bool DEFAULT false) LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
@@ -147,7 +147,7 @@ from imgsim.indb import call
 call(plpy, ''run_image_similarity'', {''image_folder'': image_folder, ''backbone'': backbone, ''ratio_train_test'': ratio_train_test, ''max_query_imgs_per_subdir'': max_query_imgs_per_subdir, ''max_neg_imgs_per_query_img'': max_neg_imgs_per_query_img, ''top_k_candidates'': top_k_candidates, ''ks'': ks, ''kind'': kind, ''space'': space, ''seed'': seed, ''weights'': weights, ''replace'': replace, ''keep_conflicts'': keep_conflicts}, True)
 ';
 COMMENT ON PROCEDURE imgsim."run_image_similarity" IS 'Every step: [sync], featurize, prepare, train, evaluate, rank.';
-CREATE PROCEDURE imgsim."refresh"("top_k_candidates" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'scores') LANGUAGE plpython3u AS 'import sys
+CREATE PROCEDURE imgsim."refresh"("top_k_candidates" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'combined') LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
@@ -163,7 +163,7 @@ from imgsim.indb import call
 call(plpy, ''refresh'', {''top_k_candidates'': top_k_candidates, ''space'': space}, True)
 ';
 COMMENT ON PROCEDURE imgsim."refresh" IS 'The scheduled job: featurize new images, re-score them with the current classifier, rank again.';
-CREATE FUNCTION imgsim."similar_images"("image" imgsim.image_file, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'scores', "category" imgsim.short_text DEFAULT NULL, "max_distance" pg_catalog.float8 DEFAULT NULL) RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) LANGUAGE plpython3u AS 'import sys
+CREATE FUNCTION imgsim."similar_images"("image" imgsim.image_file, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'combined', "category" imgsim.short_text DEFAULT NULL, "max_distance" pg_catalog.float8 DEFAULT NULL) RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
@@ -179,7 +179,7 @@ from imgsim.indb import call
 return call(plpy, ''similar_images'', {''image'': image, ''k'': k, ''space'': space, ''category'': category, ''max_distance'': max_distance}, False)
 ';
 COMMENT ON FUNCTION imgsim."similar_images" IS 'Featurize and score one new image, and return the k most similar stored images, of one category and within a distance when given (writes nothing).';
-CREATE FUNCTION imgsim."similar_to"("image_id" pg_catalog.int4, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'scores', "category" imgsim.short_text DEFAULT NULL, "max_distance" pg_catalog.float8 DEFAULT NULL) RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) LANGUAGE plpython3u AS 'import sys
+CREATE FUNCTION imgsim."similar_to"("image_id" pg_catalog.int4, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'combined', "category" imgsim.short_text DEFAULT NULL, "max_distance" pg_catalog.float8 DEFAULT NULL) RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):

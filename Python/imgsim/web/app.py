@@ -81,7 +81,8 @@ class Options(BaseModel):
 
     k: int = Field(10, ge=1, le=rank.MAX_K, description="how many similar images")
     space: Literal[rank.SPACES] = Field(
-        "scores", description="the vectors compared: the classifier's scores or the features")
+        "combined", description="the vectors compared: the classifier's scores with the "
+        "features breaking near-ties, the scores alone, or the features")
     category: str | None = Field(None, max_length=4096,
                                  description="only images of this category")
     max_distance: float | None = Field(None, ge=0, le=2,
@@ -353,7 +354,7 @@ def metrics(store: StoreDep):
     if evaluation is None:
         raise lineage.StaleInputs("there is no current evaluation: run evaluate")
     rows = store.metric_rows(evaluation[0])
-    return Metrics(run_id=evaluation[0], space=evaluation[1].get("space", "scores"),
+    return Metrics(run_id=evaluation[0], space=evaluation[1].get("space", "combined"),
                    queries=evaluation[2].get("queries", 0),
                    metrics=[Metric(**dict(zip(Metric.model_fields, row))) for row in rows])
 
