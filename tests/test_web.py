@@ -437,3 +437,22 @@ def test_an_analyst_login_is_enough_on_postgresql(pg_dsn, texture_folder):
             assert client.get(url).status_code == 200, url
     assert len(owner.run_rows(limit=1000)) == runs
     owner.close()
+
+
+def test_copies_and_label_conflicts_are_listed_conflicts_first(small_folder, empty_store,
+                                                               tmp_path):
+    zebra = (small_folder / "zebra").iterdir().__next__()
+    shutil.copy(zebra, small_folder / "argyle" / "filed_twice.jpg")  # a label conflict
+    dotted = sorted((small_folder / "dotted").glob("*.jpg"))[0]
+    shutil.copy(dotted, small_folder / "dotted" / "again.jpg")        # a plain copy
+    sync_image_folder(empty_store, small_folder, progress=False)
+    groups = report.copy_groups(empty_store.copies())
+    assert [g["categories"] for g in groups] == [["argyle", "zebra"], ["dotted"]]
+    assert {p for _, p, _ in groups[1]["images"]} == {f"dotted/{dotted.name}", "dotted/again.jpg"}
+    with TestClient(create_app(empty_store.url)) as client:
+        html = client.get("/results").text
+    assert "2 contents stored more than once" in html
+    assert html.index("argyle/filed_twice.jpg") < html.index("dotted/again.jpg")
+    assert html.count("<strong>conflict</strong>") == 1
+    offline = report.write_report(empty_store, tmp_path / "report.html").read_text()
+    assert "argyle/filed_twice.jpg" in offline and "<strong>conflict</strong>" in offline

@@ -93,6 +93,18 @@ def _html(store, results, sample_queries: int) -> str:
         page, thumb=thumbs.get, similar=None, cell=None, nav=False)
 
 
+def copy_groups(rows) -> list[dict]:
+    """Images of one content stored more than once, from :meth:`Store.copies` rows:
+    label conflicts (the content under two or more categories) first."""
+    groups = {}
+    for sha256, image_id, path, category in rows:
+        groups.setdefault(sha256, []).append((image_id, path, category))
+    found = [{"sha256": sha256, "images": images,
+              "categories": sorted({c for _, _, c in images})}
+             for sha256, images in groups.items()]
+    return sorted(found, key=lambda g: (len(g["categories"]) == 1, g["images"][0][1]))
+
+
 def results_page(store, results, sample_queries: int = 8, worst_queries: int = 8) -> dict:
     """What the results page shows of ``results`` (:func:`imgsim.lineage.current_results`),
     for the template ``results.html``; ``images`` are the ids of the images it shows."""
@@ -110,6 +122,7 @@ def results_page(store, results, sample_queries: int = 8, worst_queries: int = 8
                               "chart": data_uri(chart(metrics), "image/png")}
         page["worst"] = _worst(store, evaluation[1], worst_queries)
     page["errors"] = store.image_error_rows()
+    page["copies"] = copy_groups(store.copies())
     if results["ranking"]:
         page["samples"] = _samples(store, results["ranking"], sample_queries)
     shown = set()

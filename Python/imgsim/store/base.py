@@ -300,6 +300,15 @@ class Store:
             query = query.where(c.id.in_(list(map(int, ids))))
         return self._fetch(query)
 
+    def copies(self, limit: int = 1000) -> list[tuple[str, int, str, str]]:
+        """``(sha256, image_id, path, category)`` of the images whose content is stored
+        more than once, by content then id (the first ``limit``)."""
+        c = t.images.c
+        repeated = select(c.sha256).group_by(c.sha256).having(func.count() > 1)
+        return self._fetch(select(c.sha256, c.id, c.path, c.category)
+                           .where(c.sha256.in_(repeated)).order_by(c.sha256, c.id)
+                           .limit(limit))
+
     def categories(self) -> list[tuple[str, int]]:
         """``(category, number of images)``, by category."""
         c = t.images.c
