@@ -144,7 +144,8 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
     queries = sorted({q for q, _, _ in store.evaluation_pairs()})
     ids, _, matrix = space_vectors(store, space, feature_key)
     row_of = {i: n for n, i in enumerate(ids.tolist())}
-    unit, squares = rank.unit_rows(matrix), np.einsum("ij,ij->i", matrix, matrix)
+    squares = np.einsum("ij,ij->i", matrix, matrix)
+    norms = np.where(squares > 0, np.sqrt(squares), 1.0)  # no second copy of the matrix
     data = store.image_data(queries)
     budget = settings.budget(store).decode_bytes
     ranks = {d: [] for d in DISTANCES}
@@ -153,10 +154,10 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
         row = row_of[query]
         copied = np.array([rank.query(store, copy, space).vector
                            for copy in edited_copies(data[query], budget)], np.float32)
-        to_all = {"cosine": 1.0 - unit @ unit[row],  # |a-b|^2 = |a|^2 + |b|^2 - 2ab
-                  "l2": np.sqrt(np.maximum(squares + squares[row] - 2 * matrix @ matrix[row],
-                                           0))}
-        to_copies = {"cosine": 1.0 - rank.unit_rows(copied) @ unit[row],
+        products = matrix @ matrix[row]
+        to_all = {"cosine": 1.0 - products / (norms * norms[row]),
+                  "l2": np.sqrt(np.maximum(squares + squares[row] - 2 * products, 0))}
+        to_copies = {"cosine": 1.0 - rank.unit_rows(copied) @ (matrix[row] / norms[row]),
                      "l2": np.sqrt(np.maximum(np.einsum("ij,ij->i", copied, copied)
                                               + squares[row] - 2 * copied @ matrix[row], 0))}
         for distance in DISTANCES:
