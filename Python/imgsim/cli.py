@@ -218,7 +218,7 @@ def _print_results_table(store) -> None:
     evaluation = results["evaluation"]
     top = {(m[0], m[1]): m[2] for m in store.metric_rows(evaluation[0])}
     print(f"results on this database's images ({train['train_images']} training, "
-          f"{train['test_images']} test, {evaluation[2].get('queries', 0)} ranking queries):")
+          f"{train['test_images']} test, {evaluation[2].get('queries', 0)} evaluation queries):")
     print(f"  {'train accuracy':<18}{100 * train['train_accuracy']:>7.1f}%")
     if train["test_accuracy"] is not None:
         print(f"  {'test accuracy':<18}{100 * train['test_accuracy']:>7.1f}%")
