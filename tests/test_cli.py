@@ -51,9 +51,9 @@ def test_evaluate_prints_a_table_or_its_json(pipeline_db, tmp_path, capsys):
     path = tmp_path / "evaluate.db"
     shutil.copy(pipeline_db[0], path)
     db = f"sqlite:///{path}"
-    assert main(["evaluate", "--db", db, "--ks", "1", "5", "--json"]) == 0
+    assert main(["evaluate", "--db", db, "--ks", "1", "5", "--space", "scores", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert main(["evaluate", "--db", db, "--ks", "1", "5"]) == 0
+    assert main(["evaluate", "--db", db, "--ks", "1", "5", "--space", "scores"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["cosine", "l2"] and len(table) == 5
     accuracy = {(m["distance"], m["k"]): m["accuracy"] for m in metrics}

@@ -85,7 +85,8 @@ def test_bad_images_inside_the_server_land_in_image_errors(indb):
 
 def test_evaluate_model_returns_its_metrics_as_a_result_set(indb):
     rows = psql(indb, "SELECT distance, k, round(accuracy::numeric, 4) "
-                      "FROM imgsim.evaluate_model(ks => ARRAY[1, 5]) ORDER BY 1, 2").split()
+                      "FROM imgsim.evaluate_model(ks => ARRAY[1, 5], space => 'scores') "
+                      "ORDER BY 1, 2").split()
     assert [r.split("|")[:2] for r in rows] == [["cosine", "1"], ["cosine", "5"],
                                                 ["l2", "1"], ["l2", "5"]]
     assert all(float(r.split("|")[2]) > 0.5 for r in rows)
@@ -94,9 +95,8 @@ def test_evaluate_model_returns_its_metrics_as_a_result_set(indb):
     assert stored == 4
     copies = psql(indb, "SELECT measure, distance, k, accuracy FROM imgsim.evaluate_model("
                         "ks => ARRAY[1], copies => true) ORDER BY 1, 2").split()
-    assert [r.split("|")[:3] for r in copies] == [["copy", "cosine", "1"], ["copy", "l2", "1"],
-                                                  ["template", "cosine", "1"],
-                                                  ["template", "l2", "1"]]
+    assert [r.split("|")[:3] for r in copies] == [["copy", "cosine", "1"],  # combined: no L2
+                                                  ["template", "cosine", "1"]]
     assert 0 < float(copies[0].split("|")[3]) <= 1
 
 
@@ -198,7 +198,7 @@ def test_every_procedure_runs_through_odbc(indb, server_folder):
                        "max_neg_imgs_per_query_img => ?, seed => ?)", 5, 20, 4)
         cursor.execute("CALL imgsim.train_classifier(kind => ?, seed => ?)", "logistic", 4)
         rows = cursor.execute("SELECT distance, k, accuracy FROM imgsim.evaluate_model("
-                              "ks => ARRAY[1, 32])").fetchall()
+                              "ks => ARRAY[1, 32], space => ?)", "scores").fetchall()
         assert sorted((r.distance, r.k) for r in rows) == [("cosine", 1), ("cosine", 32),
                                                           ("l2", 1), ("l2", 32)]
         cursor.execute("CALL imgsim.rank_candidates(top_k_candidates => ?)", 2)
@@ -330,3 +330,13 @@ def test_cli_runs_in_the_database_and_manages_the_job(indb, tmp_path, capsys):
     assert '"CALL imgsim.refresh()"' in capsys.readouterr().out
     assert main(["schedule", "drop", "--dsn", indb]) == 0
     assert main(["schedule", "set", "every day", "--dsn", indb]) == 2
+
+
+def test_a_step_in_the_server_ends_without_warnings(indb):
+    """Its lease is released once: no 'you don't own a lock' warning after every step."""
+    notices = []
+    with psycopg.connect(indb, autocommit=True) as conn:
+        conn.add_notice_handler(lambda notice: notices.append(
+            (notice.severity_nonlocalized, notice.message_primary)))
+        conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")  # takes the lease
+    assert [n for n in notices if n[0] == "WARNING"] == []

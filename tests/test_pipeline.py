@@ -37,7 +37,7 @@ def test_classifier_scores_well_above_chance(pipeline_db):
 def test_ranking_puts_the_positive_first_for_easy_pairs(pipeline_db):
     metrics = {(m["distance"], m["k"]): m["accuracy"] for m in pipeline_db[1]["evaluate_model"]}
     assert metrics["cosine", 1] > 0.5
-    assert metrics["l2", 1] > 0.5
+    assert ("l2", 1) not in metrics  # the combined space: L2 would order as cosine does
     assert metrics["cosine", 32] >= metrics["cosine", 10] >= metrics["cosine", 1]
 
 

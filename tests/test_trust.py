@@ -773,3 +773,29 @@ def test_prepare_when_no_image_could_be_decoded_points_at_the_errors(tmp_path, e
 def test_prepare_names_the_backbone_to_featurize(pipeline_store):
     with pytest.raises(ValueError, match="run featurize --backbone mobilenet_v2 first"):
         prepare_data(pipeline_store, backbone="mobilenet_v2")
+
+
+def test_images_added_since_scoring_are_counted_until_refresh(pipeline_store, texture_folder,
+                                                              tmp_path, capsys):
+    """New images have no scores, so no ranking or search can find them: rank counts them,
+    the results page says so, similar_to names the command, and refresh scores them."""
+    import hashlib
+
+    from imgsim import report
+    from imgsim.rank import rank_candidates as rank, similar_to
+
+    data = (texture_folder / "zebra" / "zebra_001.jpg").read_bytes()[:-2] + b"\xff\xd9"
+    pipeline_store.add_image("zebra/added.jpg", "zebra", hashlib.sha256(data).hexdigest(), data)
+    featurize_images(pipeline_store, progress=False)
+    added = next(i for i, p, _, _ in pipeline_store.image_info() if p == "zebra/added.jpg")
+    assert pipeline_store.unscored_count() == 1
+    assert rank(pipeline_store, 3)["images_without_scores"] == 1
+    with pytest.raises(StaleInputs, match=r"run imgsim refresh \(CALL imgsim.refresh\(\)\)"):
+        similar_to(pipeline_store, added)
+    html = report.write_report(pipeline_store, tmp_path / "r.html").read_text()
+    assert "1 image without scores" in html
+    assert main(["--db", pipeline_store.url, "--quiet", "refresh"]) == 0
+    assert '"rank_candidates"' in capsys.readouterr().out
+    assert pipeline_store.unscored_count() == 0 and similar_to(pipeline_store, added, k=1)
+    assert "without scores" not in report.write_report(pipeline_store,
+                                                       tmp_path / "r.html").read_text()

@@ -27,7 +27,7 @@ from imgsim.checks import ParameterError
 from imgsim.cli import build_parser, main
 from imgsim.store import SQLAlchemyStore
 from imgsim.sync import sync_image_folder
-from imgsim.web.app import create_app, listening_socket
+from imgsim.web.app import create_app, host_names, listening_socket
 
 
 @pytest.fixture
@@ -233,6 +233,10 @@ def test_a_confusion_cell_lists_the_images_behind_it(client, db):
     assert html.count('<figure class="card miss') == len(behind)
     for i in behind:
         assert f'src="/api/images/{i}/thumbnail"' in html
+    from imgsim import prepare_data
+    prepare_data(db[1], seed=7, max_query_imgs_per_subdir=5, max_neg_imgs_per_query_img=20)
+    stale = client.get("/results/confusion", params={"actual": actual, "predicted": predicted})
+    assert stale.status_code == 409 and "run train again" in stale.text  # not another split's
 
 
 def test_the_api_is_documented(client):
@@ -263,7 +267,7 @@ def test_a_file_over_the_size_limit_is_413_before_it_is_read(client, monkeypatch
     monkeypatch.setattr(imgsim.web.app, "MAX_FILE_BYTES", 1 << 20)
     response = client.post("/api/similar", files={"image": ("big.jpg", b"\0" * (2 << 20), "")})
     assert response.status_code == 413
-    assert response.json()["detail"] == "the file is 2 MB, over the limit of 1 MB"
+    assert response.json()["detail"] == "the file is 2.0 MB, over the limit of 1 MB"
     page = client.post("/search", files={"image": ("big.jpg", b"\0" * (2 << 20), "")})
     assert page.status_code == 413 and "over the limit of 1 MB" in page.text
 
@@ -316,6 +320,64 @@ def test_concurrent_requests_share_the_one_store(client):
     finally:
         sys.setswitchinterval(interval)
     assert statuses == [200] * 80
+
+
+def test_uploads_are_decoded_a_few_at_a_time(client, texture_folder, monkeypatch):
+    """However many clients upload at once, a process decodes at most DECODING at a time
+    (each decode may take the whole decode budget)."""
+    import threading
+
+    monkeypatch.setattr(imgsim.web.app, "DECODING", threading.BoundedSemaphore(2))
+    real, busy, most, guard = rank.query, [0], [0], threading.Lock()
+
+    def counted(*args, **kwargs):
+        with guard:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with guard:
+                busy[0] -= 1
+
+    monkeypatch.setattr(rank, "query", counted)
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda n: client.post(
+            "/api/similar", data={"k": "2"}, files=upload(texture_folder)).status_code,
+            range(16)))
+    assert statuses == [200] * 16 and most[0] <= 2
+
+
+def test_requests_for_other_host_names_are_refused(db):
+    """A page of another site whose name resolves to this machine (DNS rebinding) cannot
+    read the app, nor steer its redirects."""
+    app = create_app(f"sqlite:///{db[0]}", host_names("127.0.0.1"))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/api/categories").status_code == 200
+        assert client.get("/api/categories", headers={"Host": "localhost:8000"}).status_code \
+            == 200
+        for host in ("attacker.example:8000", "attacker.example"):
+            assert client.get("/api/images/1", headers={"Host": host}).status_code == 400
+        assert client.get("/results/", headers={"Host": "evil.example"},
+                          follow_redirects=False).status_code == 400
+    assert host_names("0.0.0.0", ["photos.example"]) == ["photos.example"]
+    assert host_names("192.0.2.7") == ["192.0.2.7"]
+    with pytest.raises(ParameterError, match="--allowed-host"):
+        host_names("0.0.0.0")
+
+
+def test_ids_beyond_the_database_integers_are_422_not_500(client):
+    for path in ("/api/images/2147483648", "/api/images/2147483648/thumbnail",
+                 "/api/images/99999999999999999999/similar", "/similar/2147483648"):
+        assert client.get(path).status_code == 422, path
+
+
+def test_the_api_page_loads_one_pinned_script_that_talks_only_to_the_app(client):
+    docs = client.get("/docs")
+    policy = docs.headers["content-security-policy"]
+    assert docs.status_code == 200 and "swagger-ui-dist@5.17.14/swagger-ui-bundle.js" in docs.text
+    assert "connect-src 'self'" in policy and "swagger-ui-dist@5/" not in docs.text
+    assert client.get("/redoc").status_code == 404
 
 
 # -- the app only reads -------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .evaluate import DEFAULT_KS, check_chart_path, evaluate_model, ranking_char
 from .featurize import featurize_images
 from .finetune import DEFAULT_EPOCHS
 from .images import ImageError
-from .pipeline import run_image_similarity, run_in_database
+from .pipeline import refresh, run_image_similarity, run_in_database
 from .prepare import DEFAULT_SEED, prepare_data
 from .rank import SPACES, rank_candidates
 from .report import write_report
@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", choices=SPACES, default="combined", help="ranking space")
     p.add_argument("--include-self", action="store_true", help="let a query rank itself")
 
+    p = sub.add_parser("refresh", help="what the scheduled job runs: featurize new images "
+                                       "with the classifier's backbone, score every image, "
+                                       "rank again (no retraining)")
+    _rank_args(p)
+    p.add_argument("--space", choices=SPACES, default="combined", help="ranking space")
+
     p = sub.add_parser("run", help="all steps: [sync], featurize, prepare, train, evaluate, "
                                    "rank, report")
     p.add_argument("folder", nargs="?", help="image folder to sync first")
@@ -202,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a host name clients use in their URLs (repeat for more; '*' for "
+                        "any); requests naming another are refused (by default the --host "
+                        "address, and localhost on loopback)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes answering requests (default: %(default)s; each loads the "
                         "models: about the cores, memory allowing)")
@@ -327,7 +337,8 @@ def _run(args) -> int:
         except ImportError as exc:
             raise RuntimeError(f"imgsim serve needs the web extra: pip install 'imgsim[web]' "
                                f"({exc})") from None
-        serve(args.db, args.host, args.port, checks.count("workers", args.workers, 1))
+        serve(args.db, args.host, args.port, checks.count("workers", args.workers, 1),
+              args.allowed_host)
         return 0
     if args.command == "run":
         _check_output_folder(args.report, "--report")
@@ -388,6 +399,8 @@ def _run(args) -> int:
                                  args.include_self, args.backbone, weights)
     elif args.command == "report":
         result = {"report": str(write_report(store, args.out, args.sample_queries))}
+    elif args.command == "refresh":
+        result = refresh(store, args.top_k_candidates, args.space)
     else:
         run_image_similarity(
             store, args.folder, args.backbone, weights, args.ratio_train_test,

@@ -30,6 +30,12 @@ DEFAULT_KS = (1, 2, 4, 5, 8, 10, 15, 20, 28, 32)
 DISTANCES = ("l2", "cosine")
 
 
+def distances_in(space: str) -> tuple[str, ...]:
+    """The distances worth computing in ``space``: every combined vector has the same
+    length, so there L2 orders exactly as cosine does and only cosine is given."""
+    return ("cosine",) if space == "combined" else DISTANCES
+
+
 def pair_distances(a: np.ndarray, b: np.ndarray, distance: str) -> np.ndarray:
     """Row-wise distance between ``a[i]`` and ``b[i]`` (``'l2'`` or ``'cosine'``)."""
     checks.choice("distance", distance, DISTANCES)
@@ -148,7 +154,7 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
     norms = np.where(squares > 0, np.sqrt(squares), 1.0)  # no second copy of the matrix
     data = store.image_data(queries)
     budget = settings.budget(store).decode_bytes
-    ranks = {d: [] for d in DISTANCES}
+    ranks = {d: [] for d in distances_in(space)}
     for query in queries:
         store.check_interrupts()
         row = row_of[query]
@@ -160,7 +166,7 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
         to_copies = {"cosine": 1.0 - rank.unit_rows(copied) @ (matrix[row] / norms[row]),
                      "l2": np.sqrt(np.maximum(np.einsum("ij,ij->i", copied, copied)
                                               + squares[row] - 2 * copied @ matrix[row], 0))}
-        for distance in DISTANCES:
+        for distance in ranks:
             others = np.delete(to_all[distance], row)
             ranks[distance] += [1 + int(np.sum(others <= d)) for d in to_copies[distance]]
     return {d: np.array(r, dtype=np.int64) for d, r in ranks.items()}
@@ -169,7 +175,8 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
 @stepwise
 def evaluate_model(store, ks=DEFAULT_KS, space: str = "combined", backbone: str | None = None,
                    weights=None, chart_path=None, copies: bool = False) -> list[dict]:
-    """Rank each evaluation query's positive by L2 and cosine distance; store the metrics.
+    """Rank each evaluation query's positive by L2 and cosine distance (cosine only in the
+    combined space, where L2 orders the same); store the metrics.
 
     Parameters
     ----------
@@ -223,7 +230,7 @@ def evaluate_model(store, ks=DEFAULT_KS, space: str = "combined", backbone: str 
         used = lineage.inputs(store, space, key)
         lineage.check_evaluation_set(store, lineage.current_split(store))
         results = []
-        for distance in DISTANCES:
+        for distance in distances_in(space):
             ranks = query_ranks(store, space, key, distance)[2]
             for k, accuracy in topk_accuracy(ranks, ks).items():
                 results.append({"measure": "template", "distance": distance, "k": k,

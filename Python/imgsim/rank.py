@@ -228,7 +228,8 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "combined",
                 written += len(rows)
             lineage.unchanged(store, used, space, key, from_split, "ranking")
             run.succeed(**used, queries=len(query_ids), candidates=len(ids), rows=written,
-                        search="exact", queries_without_vectors=len(without))
+                        search="exact", queries_without_vectors=len(without),
+                        images_without_scores=store.unscored_count())
             store.keep_rankings(KEEP_RANKINGS)
     return {"run_id": run.id, **run.counts}
 
@@ -313,8 +314,8 @@ def query(store, image: bytes, space: str = "combined") -> Query:
     if not isinstance(image, (bytes, bytearray, memoryview)):
         raise checks.ParameterError("image must be the bytes of an image file")
     if len(image) > MAX_FILE_BYTES:
-        raise checks.ParameterError(f"image is {len(image) >> 20} MB, over the limit of "
-                                    f"{MAX_FILE_BYTES >> 20} MB")
+        raise checks.ParameterError(f"image is {len(image) / 2**20:.1f} MB, over the limit "
+                                    f"of {MAX_FILE_BYTES >> 20} MB")
     model_name, meta, digests = _current_models(store, space)
     key = meta["feature_key"]
     featurizer = _cached(key, digests[key][0], lambda n: store.load_model(n)[0],
@@ -405,7 +406,8 @@ def similar_to(store, image_id: int, k: int = 10, space: str = "combined",
             reasons = [r for i, _, r in store.image_errors_of([image_id])]
             if reasons:
                 raise ImageError(f"image {image_id} could not be used: {reasons[0]}")
-            again = "featurize and refresh" if space != "features" else "featurize"
+            again = ("imgsim refresh (CALL imgsim.refresh())" if space != "features"
+                     else f"featurize --backbone {key.split('-')[0]}")
             raise lineage.StaleInputs(f"image {image_id} has no {space} vector yet: "
                                       f"run {again}")
         return nearest(store, matrix[0], k, space, key, category, max_distance,

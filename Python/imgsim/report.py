@@ -123,6 +123,7 @@ def results_page(store, results, sample_queries: int = 8, worst_queries: int = 8
         page["worst"] = _worst(store, evaluation[1], worst_queries)
     page["errors"] = store.image_error_rows()
     page["copies"] = copy_groups(store.copies())
+    page["unscored"] = store.unscored_count() if results["train"] else 0
     if results["ranking"]:
         page["samples"] = _samples(store, results["ranking"], sample_queries)
     shown = set()

@@ -147,6 +147,10 @@ class Store:
         then its row (a row left behind by a failure is dead and removed by the next
         step to take a lease)."""
         self._fetch(select(func.pg_advisory_unlock(LEASE_KEY, token)))
+        self._lease_forget(token)
+
+    def _lease_forget(self, token: int) -> None:
+        """Remove the row of a lease whose key is released."""
         self._write(delete(t.step_locks).where(t.step_locks.c.token == token))
 
     def _live_tokens(self, leases: dict[int, int]) -> set[int]:
@@ -299,6 +303,14 @@ class Store:
         if ids is not None:
             query = query.where(c.id.in_(list(map(int, ids))))
         return self._fetch(query)
+
+    def unscored_count(self) -> int:
+        """Images without scores (added since the classifier scored), other than those
+        recorded as unusable: no candidates of rankings and searches until scored."""
+        i, s, e = t.images.c, t.scores.c, t.image_errors.c
+        return self._fetch(select(func.count()).select_from(t.images).where(
+            i.id.not_in(select(s.image_id)),
+            i.id.not_in(select(e.image_id).where(e.image_id.is_not(None)))))[0][0]
 
     def copies(self, limit: int = 1000) -> list[tuple[str, int, str, str]]:
         """``(sha256, image_id, path, category)`` of the images whose content is stored

@@ -227,7 +227,7 @@ class PlpyStore(Store):
             self._fetch(select(func.pg_advisory_unlock(LEASE_KEY, token)))  # dead from here
             try:
                 with self.transaction():
-                    self._lease_release(token)
+                    self._lease_forget(token)
             except self.plpy.SPIError:
                 pass  # the row of a dead lease: the next step to take one removes it
 

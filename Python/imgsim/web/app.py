@@ -10,9 +10,11 @@ the status of :func:`status_of`. The OpenAPI page is FastAPI's /docs.
 from __future__ import annotations
 
 import functools
+import json
 import mimetypes
 import os
 import socket
+import threading
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path as FilePath
@@ -22,11 +24,13 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.exc import DBAPIError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import __version__, images, lineage, rank, report
 from ..checks import ParameterError, UnknownImage
@@ -38,8 +42,20 @@ TEMPLATES = Jinja2Templates(env=report.templates())
 # The pages' own script and style, images from the app or embedded; no other origin.
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
                "img-src 'self' data:; form-action 'self'; base-uri 'none'")
+# /docs: FastAPI's Swagger UI page, its files from one published (immutable) version on
+# the CDN, and its script may talk to this app only.
+SWAGGER = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.17.14/"
+DOCS_POLICY = (f"default-src 'none'; script-src {SWAGGER}swagger-ui-bundle.js 'unsafe-inline'; "
+               f"style-src {SWAGGER}swagger-ui.css 'unsafe-inline'; img-src 'self' data: "
+               "https://fastapi.tiangolo.com; connect-src 'self'; form-action 'none'; "
+               "base-uri 'none'; frame-ancestors 'none'")
 THUMBNAIL = 192  # pixels, in the pages
 URL_VARIABLE = "IMGSIM_SERVE_DB"
+HOSTS_VARIABLE = "IMGSIM_SERVE_HOSTS"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+# Uploads decoded at once by a process: each may take up to the decode budget (a 40 MP
+# PNG: 160 MB), so that many clients uploading at once cannot pin a process's memory.
+DECODING = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 GALLERY = 12  # stored images offered on the empty search page, one per category
 
 
@@ -73,7 +89,7 @@ def get_store(request: Request) -> Store:
 
 
 StoreDep = Annotated[Store, Depends(get_store)]
-ImageId = Annotated[int, Path(ge=1, description="an image's id (images.id)")]
+ImageId = Annotated[int, Path(ge=1, le=2**31 - 1, description="an image's id (images.id)")]
 
 
 class Options(BaseModel):
@@ -160,14 +176,15 @@ class Metrics(BaseModel):
 def _read(upload: UploadFile) -> bytes:
     """The uploaded file's bytes, refused over the file size limit before being read."""
     if upload.size is not None and upload.size > MAX_FILE_BYTES:
-        raise images.ImageError(f"the file is {upload.size >> 20} MB, over the limit of "
-                                f"{MAX_FILE_BYTES >> 20} MB", too_large=True)
+        raise images.ImageError(f"the file is {upload.size / 2**20:.1f} MB, over the limit "
+                                f"of {MAX_FILE_BYTES >> 20} MB", too_large=True)
     return upload.file.read()
 
 
 def _search_upload(store, data: bytes, options: Options) -> tuple[Asked, list[tuple]]:
-    """An uploaded image as the classifier sees it, and the stored images nearest it."""
-    with store.transaction():  # one connection and transaction for the query's reads
+    """An uploaded image as the classifier sees it, and the stored images nearest it.
+    Uploads are decoded a few at a time: each may take up to the decode budget."""
+    with DECODING, store.transaction():  # one connection and transaction for the reads
         asked = rank.query(store, data, options.space)
         rows = rank.nearest(store, asked.vector, options.k, options.space, asked.feature_key,
                             options.category, options.max_distance)
@@ -236,7 +253,8 @@ def _search_page(request: Request, store, options: Options, query: dict | None =
     the ``gallery`` of stored images to start from."""
     return _page(request, "search.html", links=Links(request, options), options=options,
                  spaces=rank.SPACES, max_k=rank.MAX_K, categories=store.categories(),
-                 query=query, rows=rows, gallery=gallery, again=again)
+                 query=query, rows=rows, gallery=gallery, again=again,
+                 unscored=store.unscored_count() if query else 0)
 
 
 def _gallery(store) -> list[tuple]:
@@ -286,8 +304,11 @@ def results(request: Request, store: StoreDep):
 def confusion_cell(request: Request, store: StoreDep,
                    actual: Annotated[str, Query(max_length=4096)],
                    predicted: Annotated[str, Query(max_length=4096)]):
-    ids = [i for i, c, p in report.classified_test_images(store) if (c, p) == (actual, predicted)]
-    rows = store.image_info(ids) if ids else []
+    with store.transaction():  # the test images of the classifier's own split only
+        lineage.check_scores(store, lineage.current_classifier(store))
+        ids = [i for i, c, p in report.classified_test_images(store)
+               if (c, p) == (actual, predicted)]
+        rows = store.image_info(ids) if ids else []
     return _page(request, "cell.html", actual=actual, predicted=predicted, rows=rows)
 
 
@@ -360,9 +381,11 @@ def metrics(store: StoreDep):
 
 
 # -- the app --------------------------------------------------------------------------
-def create_app(url: str) -> FastAPI:
+def create_app(url: str, hosts=None) -> FastAPI:
     """The app over the imgsim database at ``url`` (SQLite or PostgreSQL; its tables must
-    exist: the app creates nothing)."""
+    exist: the app creates nothing), answering requests for the host names ``hosts`` only
+    when given (a page of another site whose name resolves here is then refused: DNS
+    rebinding)."""
     store = SQLAlchemyStore(url)
     database = store.engine.url.database
     if store.dialect_name == "sqlite" and not FilePath(database or "").is_file():
@@ -379,10 +402,20 @@ def create_app(url: str) -> FastAPI:
         yield
         store.engine.dispose()
 
-    app = FastAPI(title="imgsim", version=__version__, lifespan=lifespan,
-                  description="Similar images and the results of imgsim's steps, read from "
-                              "the imgsim database.")
+    app = FastAPI(title="imgsim", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description="Similar images and the results of imgsim's "
+                  "steps, read from the imgsim database.")
     app.state.store = store
+    if hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts))
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        page = get_swagger_ui_html(openapi_url="/openapi.json", title="imgsim API",
+                                   swagger_js_url=f"{SWAGGER}swagger-ui-bundle.js",
+                                   swagger_css_url=f"{SWAGGER}swagger-ui.css")
+        page.headers["Content-Security-Policy"] = DOCS_POLICY
+        return page
 
     @functools.lru_cache(maxsize=1024)
     def thumbnail_of(image_id: int, sha256: str, size: int) -> bytes:
@@ -425,9 +458,26 @@ async def _invalid(request: Request, exc: RequestValidationError):
 
 
 def app_from_environment() -> FastAPI:
-    """The app over the database named by IMGSIM_SERVE_DB: what each worker process
-    of ``imgsim serve --workers N`` builds."""
-    return create_app(os.environ[URL_VARIABLE])
+    """The app over the database named by IMGSIM_SERVE_DB, for the host names of
+    IMGSIM_SERVE_HOSTS: what each worker process of ``imgsim serve --workers N`` builds."""
+    return create_app(os.environ[URL_VARIABLE], json.loads(os.environ[HOSTS_VARIABLE]))
+
+
+def host_names(host: str, allowed=()) -> list[str]:
+    """The host names the app answers for: those ``allowed``, and the address it listens
+    on (a loopback address: the loopback names). Listening on every address needs them
+    named."""
+    names = list(allowed or ())
+    if host in ("0.0.0.0", "::", ""):
+        if not names:
+            raise ParameterError(f"--host {host or '(every address)'} listens on every "
+                                 "address: name the host names clients use with "
+                                 "--allowed-host (or '*' for any)")
+    elif host in LOOPBACK_NAMES or host.startswith("127."):
+        names += [host, *LOOPBACK_NAMES]
+    else:
+        names.append(host)
+    return sorted(set(names))
 
 
 def listening_socket(config) -> socket.socket:
@@ -439,17 +489,21 @@ def listening_socket(config) -> socket.socket:
     return listening
 
 
-def serve(url: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
-    """Serve the app with uvicorn until interrupted, in ``workers`` processes."""
+def serve(url: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          allowed_hosts=()) -> None:
+    """Serve the app with uvicorn until interrupted, in ``workers`` processes, for the
+    host names of :func:`host_names`."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    app = create_app(url)  # a wrong URL is one error, before any worker starts
+    hosts = host_names(host, allowed_hosts)
+    app = create_app(url, hosts)  # a wrong URL is one error, before any worker starts
     if workers == 1:
         uvicorn.run(app, host=host, port=port)
         return
     app.state.store.close()
     os.environ[URL_VARIABLE] = url  # not on the command line, where ps would show it
+    os.environ[HOSTS_VARIABLE] = json.dumps(hosts)
     config = uvicorn.Config(f"{__name__}:app_from_environment", factory=True, host=host,
                             port=port, workers=workers)
     try:
