@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
+from imgsim import open_store
 from imgsim.cli import build_parser, main
+from imgsim.store.sqlalchemy_store import SQLAlchemyStore
 
 COMMANDS = ["sync", "featurize", "prepare", "train", "evaluate", "rank", "run", "report"]
 
@@ -36,6 +38,7 @@ def test_run_from_the_command_line_writes_a_report(texture_folder, tmp_path):
 
 def test_bad_parameter_exits_2_with_the_reason(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'bad.db'}"
+    open_store(db).close()
     assert main(["--db", db, "prepare", "--ratio-train-test", "1.5"]) == 2
     assert "ratio_train_test must be in (0, 1); got 1.5" in capsys.readouterr().err
 
@@ -54,7 +57,11 @@ def test_evaluate_prints_a_table_or_its_json(pipeline_db, tmp_path, capsys):
     assert main(["evaluate", "--db", db, "--ks", "1", "5", "--space", "scores", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert main(["evaluate", "--db", db, "--ks", "1", "5", "--space", "scores"]) == 0
-    table = capsys.readouterr().out.splitlines()
+    first, *table = capsys.readouterr().out.splitlines()
+    counts = SQLAlchemyStore(db).last_run("evaluate_model")[2]
+    per = counts["pairs"] // counts["queries"]
+    assert first.startswith(f"{counts['queries']} queries, each ranking its positive among "
+                            f"{per} candidates")
     assert table[0].split() == ["cosine", "l2"] and len(table) == 5
     accuracy = {(m["distance"], m["k"]): m["accuracy"] for m in metrics}
     for line, k in zip(table[1:3], (1, 5)):
@@ -78,6 +85,7 @@ def test_common_options_go_before_or_after_the_command():
 @pytest.mark.parametrize("command", [["featurize"], ["report"]])
 def test_an_empty_database_is_said_to_be_empty(command, tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'empty.db'}"
+    open_store(db).close()
     assert main(["--db", db, *command, "--quiet"] if command == ["featurize"]
                 else ["--db", db, *command, "--out", str(tmp_path / "r.html")]) == 2
     assert "has no images yet: run imgsim sync FOLDER first" in capsys.readouterr().err
@@ -91,6 +99,8 @@ def test_an_empty_database_is_said_to_be_empty(command, tmp_path, capsys):
     (["run", "--compute", "in-db"], "--db must be its postgresql:// URL"),
     (["--db", "mysql://someone@host/db", "featurize"], "imgsim keeps its tables in SQLite or "
                                                         "PostgreSQL"),
+    (["--db", "sqlite:///typo.db", "evaluate"], "there is no SQLite database at typo.db"),
+    (["--db", "sqlite:///new.db", "run"], "has no images yet: give run the image FOLDER"),
 ])
 def test_wrong_options_are_one_line_before_anything_is_made(argv, message, tmp_path, capsys,
                                                             monkeypatch):
@@ -98,4 +108,7 @@ def test_wrong_options_are_one_line_before_anything_is_made(argv, message, tmp_p
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
-    assert list(tmp_path.iterdir()) == []  # not even the default database file
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["new.db"])  # no other file
+    if (tmp_path / "new.db").exists():  # run makes the database, and stops before any step
+        assert SQLAlchemyStore(f"sqlite:///{tmp_path / 'new.db'}").last_run(
+            "featurize_images", status="succeeded") is None

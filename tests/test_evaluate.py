@@ -77,3 +77,30 @@ def test_copies_are_ranked_among_every_image(pipeline_store):
     assert found["combined"]["mean_rank"] < found["scores"]["mean_rank"]
     with pytest.raises(checks.ParameterError, match="copies"):
         evaluate_model(pipeline_store, space="features", backbone="mobilenet_v2", copies=True)
+
+
+def test_a_querys_exact_copies_are_no_competitors_of_its_edited_copies(pipeline_store):
+    import hashlib
+
+    from imgsim.evaluate import copy_ranks
+    from imgsim.pipeline import refresh
+
+    queries = sorted({q for q, _, _ in pipeline_store.evaluation_pairs()})
+    before = copy_ranks(pipeline_store, "scores", None)["cosine"]
+    (_, path, category, _), = pipeline_store.image_info([queries[0]])
+    data = pipeline_store.image_data([queries[0]])[queries[0]]
+    pipeline_store.add_image(f"{category}/same_again.jpg", category,
+                             hashlib.sha256(data).hexdigest(), data)
+    refresh(pipeline_store)  # the copy is scored: a candidate like any other image
+    after = copy_ranks(pipeline_store, "scores", None)["cosine"]
+    assert after[:4].tolist() == before[:4].tolist()  # not ranked behind its own content
+
+
+def test_the_results_show_the_latest_evaluation_in_whatever_space(pipeline_store):
+    from imgsim import evaluate_model, lineage
+
+    evaluate_model(pipeline_store, ks=[1], space="scores")
+    latest = pipeline_store.last_run("evaluate_model")[0]
+    assert lineage.current_results(pipeline_store)["evaluation"][0] == latest
+    evaluate_model(pipeline_store, ks=[1, 5])
+    assert lineage.current_results(pipeline_store)["evaluation"][1]["space"] == "combined"

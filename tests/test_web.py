@@ -366,6 +366,17 @@ def test_requests_for_other_host_names_are_refused(db):
         host_names("0.0.0.0")
 
 
+def test_options_a_route_does_not_take_are_refused(client, db, texture_folder):
+    """A misspelt option, or options in the URL of an upload (where the form's are read),
+    would be ignored: the defaults would answer as if asked."""
+    response = client.post("/api/similar?k=3&space=bogus", files=upload(texture_folder))
+    assert response.status_code == 422
+    assert {e["loc"][1] for e in response.json()["detail"]} == {"k", "space"}
+    assert client.get("/api/images/2/similar", params={"spcae": "features"}).status_code == 422
+    assert "spcae" in client.get("/similar/2", params={"spcae": "features"}).text
+    assert client.get("/api/images/2/similar", params={"space": "features"}).status_code == 200
+
+
 def test_ids_beyond_the_database_integers_are_422_not_500(client):
     for path in ("/api/images/2147483648", "/api/images/2147483648/thumbnail",
                  "/api/images/99999999999999999999/similar", "/similar/2147483648"):
@@ -513,7 +524,7 @@ def test_copies_and_label_conflicts_are_listed_conflicts_first(small_folder, emp
     assert {p for _, p, _ in groups[1]["images"]} == {f"dotted/{dotted.name}", "dotted/again.jpg"}
     with TestClient(create_app(empty_store.url)) as client:
         html = client.get("/results").text
-    assert "2 contents stored more than once" in html
+    assert "2 contents stored more than once: 4 files, 2 of them extra copies" in html
     assert html.index("argyle/filed_twice.jpg") < html.index("dotted/again.jpg")
     assert html.count("<strong>conflict</strong>") == 1
     offline = report.write_report(empty_store, tmp_path / "report.html").read_text()

@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 import psycopg
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from . import backbones, checks, lineage, routines, serverenv
@@ -24,6 +25,7 @@ from .prepare import DEFAULT_SEED, prepare_data
 from .rank import SPACES, rank_candidates
 from .report import write_report
 from .store import DEFAULT_URL, open_store
+from .store.sqlalchemy_store import check_url
 from .sync import sync_image_folder
 from .train import KINDS, train_classifier
 
@@ -235,13 +237,23 @@ def _print_results_table(store) -> None:
     for k in (1, 5, 10, 32):
         if ("cosine", k) in top:
             print(f"  {'cosine top-' + str(k):<18}{100 * top['cosine', k]:>7.1f}%")
+    print(f"({_candidates_line(evaluation[2])})")
     print("(the template's published figures are on its own fashion images: bench/RESULTS.md "
           "compares imgsim with them on those images)")
 
 
-def _print_metrics(results: list[dict]) -> None:
+def _candidates_line(counts: dict) -> str:
+    """How many candidates each evaluation query ranks its positive among."""
+    queries, pairs = counts.get("queries", 0), counts.get("pairs", 0)
+    per = pairs // queries if queries else 0
+    return (f"{queries} queries, each ranking its positive among {per} candidates (a top-k "
+            f"with k >= {per} is 100% by construction)")
+
+
+def _print_metrics(results: list[dict], counts: dict) -> None:
     """evaluate's metrics as a table: top-k accuracy by distance, the positive's mean and
     median rank, and the edited copies' figures when measured."""
+    print(_candidates_line(counts))
     template = [r for r in results if r["measure"] == "template"]
     distances = sorted({r["distance"] for r in template})
     accuracy = {(r["distance"], r["k"]): r["accuracy"] for r in template}
@@ -280,6 +292,20 @@ def _database_command(args):
         return {"dropped": drop_jobs(dsn)}
     return [dict(zip(("job", "name", "schedule", "command", "database", "active"), job))
             for job in list_jobs(dsn)]
+
+
+def _shown(store) -> str:
+    return store.engine.url.render_as_string(hide_password=True)
+
+
+def _check_database_exists(args) -> None:
+    """Only sync and run make a new SQLite database: a mistyped --db is an error, not a
+    new empty file."""
+    url = make_url(check_url(args.db))  # a URL, of SQLite or PostgreSQL, first
+    if url.get_backend_name() == "sqlite" and args.command not in ("sync", "run") \
+            and url.database not in (None, "", ":memory:") and not Path(url.database).exists():
+        raise ParameterError(f"there is no SQLite database at {url.database} (sync or run "
+                             "makes one)")
 
 
 def _check_output_folder(path: str, option: str) -> None:
@@ -363,7 +389,12 @@ def _run(args) -> int:
                         top_k_candidates=args.top_k_candidates, ks=args.ks,
                         kind=args.kind, space=args.space, seed=args.seed,
                         replace=args.replace, keep_conflicts=args.keep_conflicts)
+    _check_database_exists(args)
     store = open_store(args.db)
+    if args.command == "run" and args.compute == "local" and args.folder is None \
+            and not store.categories():
+        raise ParameterError(f"{_shown(store)} has no images yet: give run the image FOLDER "
+                             "(one sub-folder of images per category)")
     weights = getattr(args, "weights", None)
     if args.command == "run" and args.compute == "in-db":
         _print_results_table(store)
@@ -373,9 +404,8 @@ def _run(args) -> int:
         print(f"report: {write_report(store, args.report).resolve()}")
         return 0
     if args.command in ("featurize", "report") and not store.categories():
-        raise ParameterError(f"{store.engine.url.render_as_string(hide_password=True)} has no "
-                             "images yet: run imgsim sync FOLDER first (one sub-folder of "
-                             "images per category)")
+        raise ParameterError(f"{_shown(store)} has no images yet: run imgsim sync FOLDER "
+                             "first (one sub-folder of images per category)")
     if args.command == "sync":
         result = sync_image_folder(store, args.folder, args.replace, progress=progress)
     elif args.command == "featurize":
@@ -392,7 +422,7 @@ def _run(args) -> int:
         result = evaluate_model(store, args.ks, args.space, args.backbone, weights,
                                 args.chart, args.copies)
         if not args.json:
-            _print_metrics(result)
+            _print_metrics(result, store.last_run("evaluate_model")[2])
             return 0
     elif args.command == "rank":
         result = rank_candidates(store, args.top_k_candidates, args.space,

@@ -145,10 +145,13 @@ def edited_copies(data: bytes, max_decode_bytes: int | None = None) -> list[byte
 
 def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarray]:
     """By distance, the rank of each edited copy of each evaluation query among every
-    stored image but the query, by distance to the query (ties count against the copy).
-    The copies are featurized and scored with the current classifier's graphs."""
+    stored image but the query and its exact copies (same content), by distance to the
+    query (ties count against the copy). The copies are featurized and scored with the
+    current classifier's graphs."""
     queries = sorted({q for q, _, _ in store.evaluation_pairs()})
     ids, _, matrix = space_vectors(store, space, feature_key)
+    content = {i: sha for i, _, _, sha in store.image_info()}
+    shas = np.array([content[i] for i in ids.tolist()])
     row_of = {i: n for n, i in enumerate(ids.tolist())}
     squares = np.einsum("ij,ij->i", matrix, matrix)
     norms = np.where(squares > 0, np.sqrt(squares), 1.0)  # no second copy of the matrix
@@ -158,6 +161,7 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
     for query in queries:
         store.check_interrupts()
         row = row_of[query]
+        others = shas != shas[row]
         copied = np.array([rank.query(store, copy, space).vector
                            for copy in edited_copies(data[query], budget)], np.float32)
         products = matrix @ matrix[row]
@@ -167,8 +171,8 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
                      "l2": np.sqrt(np.maximum(np.einsum("ij,ij->i", copied, copied)
                                               + squares[row] - 2 * copied @ matrix[row], 0))}
         for distance in ranks:
-            others = np.delete(to_all[distance], row)
-            ranks[distance] += [1 + int(np.sum(others <= d)) for d in to_copies[distance]]
+            competing = to_all[distance][others]
+            ranks[distance] += [1 + int(np.sum(competing <= d)) for d in to_copies[distance]]
     return {d: np.array(r, dtype=np.int64) for d, r in ranks.items()}
 
 

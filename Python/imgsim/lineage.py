@@ -136,8 +136,8 @@ def unchanged(store, used: dict, space: str, feature_key, need_split: bool, what
 
 def current_results(store) -> dict:
     """The latest results of one consistent lineage, for reports: the current split, its
-    classifier, and the latest evaluation and ranking computed from them (in the combined
-    space first, then scores, then the classifier's own feature space). A part that is missing or
+    classifier, and the latest evaluation and ranking computed from them (in any space:
+    the combined one, the scores or the classifier's own features). A part that is missing or
     stale is None, and ``note`` says why."""
     found = {"split": None, "train": None, "evaluation": None, "ranking": None, "note": None}
     try:
@@ -167,11 +167,10 @@ def current_results(store) -> dict:
     for step, name in (("evaluate_model", "evaluation"), ("rank_candidates", "ranking")):
         runs = [r for r in store.run_rows(step, limit=50)
                 if r[2] == "succeeded" and r[7] and "prepare_run" in r[7]]
-        for space in ("combined", "scores", "features"):
-            chosen = next((r for r in runs if matches(r[6], r[7], space)), None)
-            if chosen is not None:
-                found[name] = (chosen[0], chosen[6], chosen[7])
-                break
+        chosen = next((r for r in runs if any(matches(r[6], r[7], space) for space in
+                                              ("combined", "scores", "features"))), None)
+        if chosen is not None:
+            found[name] = (chosen[0], chosen[6], chosen[7])
     ranking = found["ranking"]
     if ranking and store.ranking_row_count(ranking[0]) != ranking[2].get("rows"):
         found["ranking"] = None

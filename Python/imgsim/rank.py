@@ -397,12 +397,12 @@ def similar_to(store, image_id: int, k: int = 10, space: str = "combined",
     check_k("k", k)
     checks.choice("space", space, SPACES)
     with store.transaction():
+        if not store.image_info([image_id]):
+            raise checks.UnknownImage(f"image {image_id} is not in the images table")
         _, meta, _ = _current_models(store, space)
         key = meta["feature_key"]
         ids, _, matrix = space_vectors(store, space, key, [image_id])
         if len(ids) == 0:
-            if not store.image_info([image_id]):
-                raise checks.UnknownImage(f"image {image_id} is not in the images table")
             reasons = [r for i, _, r in store.image_errors_of([image_id])]
             if reasons:
                 raise ImageError(f"image {image_id} could not be used: {reasons[0]}")

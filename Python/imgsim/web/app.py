@@ -267,7 +267,36 @@ def _gallery(store) -> list[tuple]:
 
 
 # -- pages ----------------------------------------------------------------------------
-pages = APIRouter(include_in_schema=False)
+def _query_names(dependant) -> set[str]:
+    """The query parameters a route (its dependencies too) reads; a model's fields."""
+    names = set()
+    for field in dependant.query_params:
+        model = field.field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names |= {info.alias or name for name, info in model.model_fields.items()}
+        else:
+            names.add(field.alias)
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def known_parameters(request: Request) -> None:
+    """Refuse query parameters the route does not take (a misspelt option, or options sent
+    in the URL of an upload, would otherwise be ignored and the defaults used)."""
+    route = request.scope.get("route")
+    if route is None:
+        return
+    known = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise RequestValidationError([
+            {"type": "extra_forbidden", "loc": ("query", name), "input": request.query_params[name],
+             "msg": f"unknown parameter (this route takes: {', '.join(sorted(known)) or 'none'})"}
+            for name in unknown])
+
+
+pages = APIRouter(include_in_schema=False, dependencies=[Depends(known_parameters)])
 
 
 @pages.get("/", response_class=HTMLResponse)
@@ -313,7 +342,7 @@ def confusion_cell(request: Request, store: StoreDep,
 
 
 # -- the REST API ---------------------------------------------------------------------
-api = APIRouter(prefix="/api", tags=["api"])
+api = APIRouter(prefix="/api", tags=["api"], dependencies=[Depends(known_parameters)])
 
 
 @api.post("/similar", response_model=Similar, responses=_errors(409, 413, 422))
