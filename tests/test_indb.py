@@ -48,8 +48,7 @@ def test_deploy_creates_schema_routines_roles_and_the_backbone(deployed):
     assert routines == {"sync_image_folder", "featurize_images", "prepare_data",
                         "train_classifier", "evaluate_model", "rank_candidates",
                         "set_query_images", "run_image_similarity", "similar_images", "similar_to",
-                        "refresh",
-                        "_step"}
+                        "current_results", "refresh", "_step"}
     owners = psql(dsn, "SELECT DISTINCT pg_get_userbyid(proowner) FROM pg_proc "
                        "WHERE pronamespace = 'imgsim'::regnamespace").split()
     assert owners == ["imgsim_admin"]
@@ -98,6 +97,18 @@ def test_evaluate_model_returns_its_metrics_as_a_result_set(indb):
     assert [r.split("|")[:3] for r in copies] == [["copy", "cosine", "1"],  # combined: no L2
                                                   ["template", "cosine", "1"]]
     assert 0 < float(copies[0].split("|")[3]) <= 1
+
+
+def test_current_results_name_the_runs_to_join_on(indb):
+    psql(indb, "CALL imgsim.rank_candidates(top_k_candidates => 2)")
+    current = dict((r.split("|")[0], r.split("|")[1]) for r in psql(
+        indb, "SELECT part, run_id FROM imgsim.current_results()").split())
+    assert list(current) == ["split", "classifier", "evaluation", "ranking"]
+    assert int(current["ranking"]) == one(indb, "SELECT max(run_id) FROM imgsim.ranking_results")[0]
+    psql(indb, "CALL imgsim.train_classifier(seed => 5)")  # a new classifier: no ranking yet
+    rows = one(indb, "SELECT run_id, note FROM imgsim.current_results() WHERE part = 'ranking'")
+    assert rows == (None, "no current ranking: run rank")
+    assert one(indb, "SELECT max(run_id) FROM imgsim.ranking_results")[0] is not None  # old
 
 
 def test_similar_images_finds_the_image_itself_first(indb, server_folder):

@@ -68,6 +68,7 @@ STEPS = {
     "refresh": refresh.stretches,
     "similar_images": _query(similar_images),
     "similar_to": _query(similar_to),
+    "current_results": _query(lineage.current_runs),
 }
 
 

@@ -178,3 +178,16 @@ def current_results(store) -> dict:
                          "removed by sync, or results older than the last rankings): run "
                          "rank again")
     return found
+
+
+def current_runs(store) -> list[tuple]:
+    """``(part, run_id, note)`` of :func:`current_results`: the split, the classifier, the
+    evaluation and the ranking the report shows (run_id None, and why, for a part that is
+    missing or stale). What SQL readers join results on: the largest run id of a table
+    may be another split's or classifier's."""
+    found = current_results(store)
+    steps = {"split": "prepare", "train": "train", "evaluation": "evaluate", "ranking": "rank"}
+    return [(name, found[part][0] if found[part] else None,
+             None if found[part] else found["note"] or f"no current {name}: run {steps[part]}")
+            for part, name in (("split", "split"), ("train", "classifier"),
+                               ("evaluation", "evaluation"), ("ranking", "ranking"))]

@@ -117,6 +117,11 @@ ROUTINES = (
             "(writes nothing).",
             (_p("image_id", INT), _p("k", INT, "10"), _p("space", TEXT, "'combined'"),
              _p("category", TEXT, NULL), _p("max_distance", FLOAT, NULL)), SIMILAR),
+    Routine("current_results",
+            "The runs of the current results: split, classifier, evaluation and ranking "
+            "(run_id NULL, and why, for one that is missing or stale); join results on "
+            "these ids, not on the largest (writes nothing).",
+            (), "TABLE(part pg_catalog.text, run_id pg_catalog.int4, note pg_catalog.text)"),
 )
 
 BOOTSTRAP = '''import sys

@@ -195,3 +195,19 @@ from imgsim.indb import call
 return call(plpy, ''similar_to'', {''image_id'': image_id, ''k'': k, ''space'': space, ''category'': category, ''max_distance'': max_distance}, False)
 ';
 COMMENT ON FUNCTION imgsim."similar_to" IS 'The k stored images most similar to a stored image, from its stored vector (writes nothing).';
+CREATE FUNCTION imgsim."current_results"() RETURNS TABLE(part pg_catalog.text, run_id pg_catalog.int4, note pg_catalog.text) LANGUAGE plpython3u AS 'import sys
+SITE, BUILD = ''<server-side site-packages>'', ''<build>''
+if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
+    if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
+        plpy.error("imgsim was upgraded while a call was running in this session: call again")
+    for name in [m for m in sys.modules if m == "imgsim" or m.startswith("imgsim.")]:
+        del sys.modules[name]
+    if SITE in sys.path:
+        sys.path.remove(SITE)
+    sys.path.insert(0, SITE)
+    import imgsim.serverenv
+    imgsim.serverenv.check(SITE, BUILD)
+from imgsim.indb import call
+return call(plpy, ''current_results'', {}, False)
+';
+COMMENT ON FUNCTION imgsim."current_results" IS 'The runs of the current results: split, classifier, evaluation and ranking (run_id NULL, and why, for one that is missing or stale); join results on these ids, not on the largest (writes nothing).';
