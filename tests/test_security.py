@@ -157,6 +157,20 @@ def test_the_analyst_holds_no_table_and_writes_none(target):
         conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
 
 
+def test_a_step_sends_no_debug_messages_whatever_the_session_asks(target):
+    """A session asking for every debug message (megabytes a step) and not reading them
+    would stall the step while it holds the lease, locking everyone out."""
+    notices = []
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        conn.add_notice_handler(lambda n: notices.append(
+            len(n.message_primary or "") + len(n.message_detail or "")))
+        for name in ("debug_print_parse", "debug_print_rewritten", "debug_print_plan"):
+            conn.execute(psycopg.sql.SQL("SET {} = on").format(psycopg.sql.Identifier(name)))
+        conn.execute("SET client_min_messages = debug5")
+        conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")  # takes the lease
+    assert sum(notices) < 50_000  # the caller's own statements' messages only
+
+
 def test_an_analyst_running_a_step_from_the_client_is_told_how(target, capsys):
     before = counts(target["dsn"])
     assert main(["--db", target["analyst"], "--quiet", "prepare"]) == 2

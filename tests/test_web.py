@@ -180,7 +180,8 @@ def test_an_image_and_its_thumbnail(client, db):
     hits = cache.cache_info().hits
     assert client.get(f"/api/images/{zebra}/thumbnail?size=64").content == thumb.content
     assert cache.cache_info().hits == hits + 1
-    assert client.get(f"/api/images/{zebra}/thumbnail?size=8").status_code == 422
+    for size in (8, 65, 1024):  # a few sizes only: each new one is decoded again
+        assert client.get(f"/api/images/{zebra}/thumbnail?size={size}").status_code == 422
 
 
 def test_an_unreadable_image_has_no_thumbnail(small_folder, empty_store):
@@ -270,6 +271,26 @@ def test_a_file_over_the_size_limit_is_413_before_it_is_read(client, monkeypatch
     assert response.json()["detail"] == "the file is 2.0 MB, over the limit of 1 MB"
     page = client.post("/search", files={"image": ("big.jpg", b"\0" * (2 << 20), "")})
     assert page.status_code == 413 and "over the limit of 1 MB" in page.text
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_spooled(db, monkeypatch):
+    """Over the file limit (and a form's overhead), a declared or streamed body is
+    answered 413 without being read to the end (the form parser would spool it to disk)."""
+    monkeypatch.setattr(imgsim.web.app, "MAX_FILE_BYTES", 1 << 20)
+    monkeypatch.setattr(imgsim.web.app, "FORM_OVERHEAD", 1 << 10)
+    def chunks():  # a file part of 4 MB, 64 KB at a time, without a declared length
+        yield (b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+               b"Content-Type: image/jpeg\r\n\r\n")
+        for _ in range(64):
+            yield b"\0" * (64 << 10)
+
+    with TestClient(create_app(f"sqlite:///{db[0]}")) as client:
+        declared = client.post("/api/similar", files={"image": ("big.jpg", b"\0" * (2 << 20))})
+        assert declared.status_code == 413 and "over the limit of 1 MB" in declared.text
+        streamed = client.post("/api/similar", content=chunks(),
+                               headers={"Content-Type": "multipart/form-data; boundary=x"})
+        assert streamed.status_code == 413  # not the parser's 400 for a body cut short
+        assert client.get("/api/categories").status_code == 200
 
 
 def test_an_unknown_image_is_404(client):

@@ -42,6 +42,12 @@ def _p(name, sql_type, default=None):
     return Param(name, sql_type, default)
 
 
+# The messages a step sends, whatever the caller set: a session asking for every debug
+# message (megabytes a step) and not reading them would stall the step, holding the lease.
+STEP_MESSAGES = ("SET client_min_messages = notice SET debug_print_parse = off "
+                 "SET debug_print_rewritten = off SET debug_print_plan = off "
+                 "SET trace_sort = off ")
+
 # Parameters that could be large are of domains whose bounds PostgreSQL checks before a
 # routine's Python sees (and copies) them.
 DOMAINS = {
@@ -165,7 +171,7 @@ def statements(site: str, build: str):
     created += [sql.SQL(
         "CREATE FUNCTION imgsim._step(token imgsim.short_text, action imgsim.short_text) "
         "RETURNS pg_catalog.text LANGUAGE plpython3u SECURITY DEFINER "
-        "SET search_path = pg_catalog, imgsim, pg_temp AS {}").format(
+        "SET search_path = pg_catalog, imgsim, pg_temp " + STEP_MESSAGES + "AS {}").format(
             sql.Literal(step_body(site, build)))]
     for routine in ROUTINES:
         params = sql.SQL(", ").join(

@@ -4,7 +4,7 @@ CREATE DOMAIN imgsim.short_text AS pg_catalog.text CONSTRAINT "at_most_4096_char
 CREATE DOMAIN imgsim.k_list AS pg_catalog.int4[] CONSTRAINT "at_most_50_values" CHECK (pg_catalog.cardinality(VALUE) <= 50);
 CREATE DOMAIN imgsim.id_list AS pg_catalog.int4[] CONSTRAINT "at_most_100000_ids" CHECK (pg_catalog.cardinality(VALUE) <= 100000);
 CREATE DOMAIN imgsim.image_file AS pg_catalog.bytea CONSTRAINT "at_most_100_mb" CHECK (pg_catalog.octet_length(VALUE) <= 104857600);
-CREATE FUNCTION imgsim._step(token imgsim.short_text, action imgsim.short_text) RETURNS pg_catalog.text LANGUAGE plpython3u SECURITY DEFINER SET search_path = pg_catalog, imgsim, pg_temp AS 'import sys
+CREATE FUNCTION imgsim._step(token imgsim.short_text, action imgsim.short_text) RETURNS pg_catalog.text LANGUAGE plpython3u SECURITY DEFINER SET search_path = pg_catalog, imgsim, pg_temp SET client_min_messages = notice SET debug_print_parse = off SET debug_print_rewritten = off SET debug_print_plan = off SET trace_sort = off AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):

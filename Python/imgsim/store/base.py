@@ -575,7 +575,8 @@ class Store:
         table = Table(table_name, MetaData(schema=t.SCHEMA), Column("image_id", Integer))
         try:
             with self.transaction():
-                rows = self._fetch(select(table.c.image_id).order_by(table.c.image_id))
+                rows = self._fetch(select(table.c.image_id).where(table.c.image_id.is_not(None))
+                                   .order_by(table.c.image_id))
         except Exception as exc:
             raise ValueError(f"query_table {table_name!r} cannot be read as a table of "
                              f"image_id in schema {t.SCHEMA}: {exc}") from None

@@ -41,7 +41,8 @@ STATIC = FilePath(__file__).with_name("static")
 TEMPLATES = Jinja2Templates(env=report.templates())
 # The pages' own script and style, images from the app or embedded; no other origin.
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
-               "img-src 'self' data:; form-action 'self'; base-uri 'none'")
+               "img-src 'self' data:; form-action 'self'; base-uri 'none'; "
+               "frame-ancestors 'none'")
 # /docs: FastAPI's Swagger UI page, its files from one published (immutable) version on
 # the CDN, and its script may talk to this app only.
 SWAGGER = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.17.14/"
@@ -49,6 +50,7 @@ DOCS_POLICY = (f"default-src 'none'; script-src {SWAGGER}swagger-ui-bundle.js 'u
                f"style-src {SWAGGER}swagger-ui.css 'unsafe-inline'; img-src 'self' data: "
                "https://fastapi.tiangolo.com; connect-src 'self'; form-action 'none'; "
                "base-uri 'none'; frame-ancestors 'none'")
+FORM_OVERHEAD = 1 << 20  # a form's other fields and boundaries, beside its file
 THUMBNAIL = 192  # pixels, in the pages
 URL_VARIABLE = "IMGSIM_SERVE_DB"
 HOSTS_VARIABLE = "IMGSIM_SERVE_HOSTS"
@@ -375,7 +377,9 @@ def image_bytes(store: StoreDep, image_id: ImageId):
 @api.get("/images/{image_id}/thumbnail", name="thumbnail", response_class=Response,
          responses={200: {"content": {"image/jpeg": {}}}, **_errors(404, 422)})
 def thumbnail(request: Request, store: StoreDep, image_id: ImageId,
-              size: Annotated[int, Query(ge=16, le=512)] = THUMBNAIL):
+              size: Annotated[int, Query(ge=32, le=512, multiple_of=32, description=(
+                  "pixels: a multiple of 32 (few sizes, so that the cache serves them)"))]
+              = THUMBNAIL):
     """A square JPEG of the image's centre, ``size`` pixels wide."""
     _, sha256 = _stored(store, image_id)
     return Response(request.app.state.thumbnail(image_id, sha256, size),
@@ -466,7 +470,59 @@ def create_app(url: str, hosts=None) -> FastAPI:
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
+    app.add_middleware(BodyLimit, limit=MAX_FILE_BYTES + FORM_OVERHEAD)
     return app
+
+
+class BodyLimit:
+    """Requests whose body is over ``limit`` bytes are answered 413 as soon as that is
+    known (a declared length at once, a streamed one when it passes the limit), before
+    the form parser spools them to disk."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await self._refuse(send)
+        received, started, over = 0, False, False
+
+        async def counted():
+            nonlocal received, over
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                over = True
+                raise _TooLarge
+            return message
+
+        async def sending(message):
+            nonlocal started
+            if over:  # the app's answer to a body cut short (a parse error): ours instead
+                if not started:
+                    started = True
+                    await self._refuse(send)
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sending)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send):
+        await JSONResponse({"detail": f"the request is over the limit of "
+                                      f"{MAX_FILE_BYTES >> 20} MB for a file"},
+                           status_code=413)({"type": "http"}, None, send)
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _error(request: Request, exc: Exception):
