@@ -799,3 +799,21 @@ def test_images_added_since_scoring_are_counted_until_refresh(pipeline_store, te
     assert pipeline_store.unscored_count() == 0 and similar_to(pipeline_store, added, k=1)
     assert "without scores" not in report.write_report(pipeline_store,
                                                        tmp_path / "r.html").read_text()
+
+
+def test_a_padded_copy_filed_under_another_category_is_a_label_conflict(small_folder,
+                                                                        empty_store):
+    """One byte appended changes the file's sha256, not its pixels: the copy is still the
+    same content, left out as a label conflict rather than trained on as another label."""
+    from imgsim.sync import sync_image_folder
+
+    zebra = sorted((small_folder / "zebra").glob("*.jpg"))[0]
+    (small_folder / "argyle" / "twin.jpg").write_bytes(zebra.read_bytes() + b"x")
+    sync_image_folder(empty_store, small_folder, progress=False)
+    featurize_images(empty_store, progress=False)
+    counts = prepare_data(empty_store, max_query_imgs_per_subdir=1,
+                          max_neg_imgs_per_query_img=2)
+    assert (counts["conflicts"], counts["conflict_images"]) == (1, 2)
+    twin = next(i for i, p, _, _ in empty_store.image_info() if p == "argyle/twin.jpg")
+    train, test = empty_store.split()
+    assert twin not in train + test

@@ -1,7 +1,9 @@
 """prepare_data: the train/test split and the evaluation set.
 
-Images are grouped by content (sha256), so that exact copies never straddle the
-split: every copy of one content goes to the same side. Per category,
+Images are grouped by content, so that copies never straddle the split: every copy of
+one content goes to the same side. A content is what the backbone sees: files with the
+same sha256, and files whose pixels decode the same (a re-encoded or padded copy: the
+same features, to 4 decimals of the unit vector). Per category,
 ``ratio_train_test`` of its distinct contents (Python's ``round``, at least one)
 go to training and at least two stay on the test side, so that every query has a
 positive: ``n_train = min(max(round(ratio * n), 1), n - 2)`` for ``n`` distinct
@@ -31,6 +33,7 @@ replacement. Everything is reproducible from ``seed``, which is recorded.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -227,6 +230,21 @@ def evaluation_pairs(test_ids, categories, max_query_imgs_per_subdir: int = 20,
     return np.array(pairs, dtype=np.int64).reshape(-1, 3), short
 
 
+def content_keys(matrix: np.ndarray, sha256) -> list[str]:
+    """Each image's content: its features, rounded (pixel-identical files, whatever
+    their bytes, have the same), joined with its file's sha256 (copies share one vector,
+    computed once)."""
+    unit = np.round(matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12),
+                    4) + 0.0  # no -0.0
+    by_vector, by_sha = {}, {}
+    for row, sha in enumerate(sha256):
+        vector = hashlib.sha256(unit[row].astype(np.float32).tobytes()).hexdigest()
+        key = by_sha.get(sha) or by_vector.get(vector) or sha
+        by_sha.setdefault(sha, key)
+        by_vector.setdefault(vector, key)
+    return [by_sha[sha] for sha in sha256]
+
+
 def label_conflicts(categories, contents) -> dict:
     """Contents found under two or more categories.
 
@@ -300,7 +318,7 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
                 "images table may mirror its folder only in part; run sync again")
         if not store.image_index():
             raise lineage.StaleInputs("there are no images: run sync first")
-        ids, categories, _ = store.feature_matrix(key)
+        ids, categories, matrix = store.feature_matrix(key)
         if len(ids) == 0:
             if not store.pending_images(key, "featurize_images"):
                 raise ValueError("no image could be decoded: see image_errors (the report's "
@@ -323,7 +341,8 @@ def prepare_data(store, backbone: str = DEFAULT_BACKBONE, weights=None,
         undecodable = [{"category": c, "images": n, "reason": "none of its images could be "
                         "decoded (see image_errors)"}
                        for c, n in sorted(unusable.items()) if c not in set(categories)]
-        contents = [sha256[i] for i in ids.tolist()]
+        contents = content_keys(matrix, [sha256[i] for i in ids.tolist()])
+        del matrix
         conflicts = label_conflicts(categories, contents)
         counts = {"copies": len(contents) - len(set(contents)), "conflicts": len(conflicts),
                   "conflict_images": sum(k in conflicts for k in contents)}
