@@ -54,7 +54,9 @@ def test_deploy_creates_schema_routines_roles_and_the_backbone(deployed):
     assert owners == ["imgsim_admin"]
     definers = psql(dsn, "SELECT proname || '|' || array_to_string(proconfig, ',') FROM pg_proc "
                          "WHERE pronamespace = 'imgsim'::regnamespace AND prosecdef").splitlines()
-    assert definers == ["_step|search_path=pg_catalog, imgsim, pg_temp"]
+    assert definers == ["_step|search_path=pg_catalog, imgsim, pg_temp,client_min_messages=notice,"
+                        "debug_print_parse=off,debug_print_rewritten=off,debug_print_plan=off,"
+                        "trace_sort=off"]
     bodies = psql(dsn, "SELECT count(*) FROM pg_proc WHERE pronamespace = "
                        "'imgsim'::regnamespace AND prosrc LIKE :'site'",
                   site=f"%SITE, BUILD = '{report['server_site']}', '{report['build']}'%")
