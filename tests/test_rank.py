@@ -87,3 +87,28 @@ def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
     tied = similar_to(pipeline_store, int(ids[0]), k=8, space="scores")
     # score space ties most of a category (an order by id); the combined space does not
     assert len({round(r[3], 4) for r in tied}) < len({round(r[3], 4) for r in rows}) == 8
+
+
+def test_combined_search_reads_only_the_features_that_can_be_nearest(pipeline_store,
+                                                                     monkeypatch):
+    """The same rows as comparing every image, reading fewer images' features."""
+    from imgsim import rank
+    from imgsim.featurize import features_in_use
+
+    key = features_in_use(pipeline_store)
+    ids, categories, matrix = rank.space_vectors(pipeline_store, "combined", key)
+    read = []
+    real = pipeline_store.feature_matrix
+    monkeypatch.setattr(pipeline_store, "feature_matrix",
+                        lambda k, wanted=None: read.append(len(wanted)) or real(k, wanted))
+    for row in (0, 7, 21):
+        for k, category in ((1, None), (5, None), (30, None), (4, categories[row])):
+            read.clear()
+            got = rank.nearest(pipeline_store, matrix[row], k, "combined", key, category,
+                               exclude=int(ids[row]))
+            keep = (ids != ids[row]) & np.array([category in (None, c) for c in categories])
+            idx, dist = top_k_cosine(matrix[row][None], matrix[keep], k)
+            assert [g[0] for g in got] == ids[keep][idx[0]].tolist()
+            assert [g[3] for g in got] == pytest.approx(dist[0].tolist(), abs=1e-5)
+            if k <= 5:  # a few nearest: the features of part of the collection
+                assert sum(read) < len(ids)

@@ -351,7 +351,9 @@ def nearest(store, vector, k: int = 10, space: str = "combined",
         found = store.nearest_features(feature_key, vector, k, category=category,
                                        max_distance=max_distance, exclude=exclude)
     else:
-        ids, categories, matrix = space_vectors(store, space, feature_key)
+        ids, categories, matrix = (
+            _combined_candidates(store, vector, k, feature_key, category, exclude)
+            if space == "combined" else space_vectors(store, space, feature_key))
         keep = np.ones(len(ids), bool)
         if category is not None:
             keep &= np.array([c == category for c in categories], bool)
@@ -363,6 +365,45 @@ def nearest(store, vector, k: int = 10, space: str = "combined",
                  if max_distance is None or d <= max_distance]
     info = {i: (p, c) for i, p, c, _ in store.image_info([i for i, _ in found])}
     return [(i, info[i][0], info[i][1], d) for i, d in found]
+
+
+def _combined_candidates(store, vector, k: int, key: str, category, exclude):
+    """``(ids, categories, combined matrix)`` of the images that can be among the ``k``
+    nearest ``vector`` in the combined space, features read for those only. A combined
+    distance is at least ``d_scores / (1 + w)``: no image whose score distance is over
+    ``1 + w`` times the combined distance of the k-th nearest by scores can be nearer."""
+    ids, categories, _, scores = store.score_matrix()
+    keep = np.ones(len(ids), bool)
+    if category is not None:
+        keep &= np.array([c == category for c in categories], bool)
+    if exclude is not None:
+        keep &= ids != exclude
+    if not keep.any():
+        return space_vectors(store, "combined", key, [])
+    ids, scores = ids[keep], scores[keep]
+    categories = [c for c, kept in zip(categories, keep) if kept]
+    by_scores = 1.0 - unit_rows(scores) @ np.asarray(vector[:scores.shape[1]], np.float32)
+    first = np.sort(np.argsort(by_scores, kind="stable")[:k])  # by id, as features come
+    found, _, features = _features_of(store, key, ids[first])
+    if len(found) < len(first):  # some lack features: every image, the plain way
+        return space_vectors(store, "combined", key)
+    near = 1.0 - unit_rows(combined(scores[first], features)) @ unit_rows(
+        np.asarray(vector, np.float32)[None])[0]
+    bound = (1 + FEATURE_WEIGHT) * float(near.max(initial=0.0)) + 1e-6
+    rows = np.flatnonzero(by_scores <= bound)
+    found, _, features = _features_of(store, key, ids[rows])
+    rows = rows[np.isin(ids[rows], found)]
+    return ids[rows], [categories[r] for r in rows], combined(scores[rows], features)
+
+
+def _features_of(store, key: str, ids, chunk: int = 10_000):
+    """``store.feature_matrix`` of ``ids``, a chunk of ids a statement (SQLite bounds the
+    parameters of one)."""
+    parts = [store.feature_matrix(key, ids[start:start + chunk].tolist())
+             for start in range(0, len(ids), chunk)] or [store.feature_matrix(key, [])]
+    return (np.concatenate([p[0] for p in parts]), sum((p[1] for p in parts), []),
+            np.concatenate([p[2] for p in parts]) if any(len(p[0]) for p in parts)
+            else np.zeros((0, 0), np.float32))
 
 
 def similar_images(store, image: bytes, k: int = 10, space: str = "combined",
