@@ -353,3 +353,15 @@ def test_a_step_in_the_server_ends_without_warnings(indb):
             (notice.severity_nonlocalized, notice.message_primary)))
         conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")  # takes the lease
     assert [n for n in notices if n[0] == "WARNING"] == []
+
+
+def test_every_routine_pins_its_search_path_and_leaves_the_callers(indb):
+    configs = dict(r.split("|", 1) for r in psql(
+        indb, "SELECT proname || '|' || coalesce(array_to_string(proconfig, ','), '') "
+              "FROM pg_proc WHERE pronamespace = 'imgsim'::regnamespace AND prokind = 'f'")
+        .splitlines())
+    assert all(c.startswith("search_path=pg_catalog, imgsim, pg_temp") for c in configs.values())
+    with psycopg.connect(indb, autocommit=True) as conn:  # procedures: each transaction
+        conn.execute("SET search_path = public")
+        conn.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+        assert conn.execute("SHOW search_path").fetchone()[0] == "public"

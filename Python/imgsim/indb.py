@@ -100,13 +100,18 @@ def _plan(plpy, name: str):
                 "SELECT pg_catalog.current_setting('transaction_isolation') AS level"),
             "step": lambda: plpy.prepare(
                 "SELECT imgsim._step($1, $2) AS state", ["imgsim.short_text", "imgsim.short_text"]),
+            "pin": lambda: plpy.prepare(
+                "SELECT pg_catalog.set_config('search_path', $1, true)", ["pg_catalog.text"]),
         }[name]()
     return _PLANS[name]
 
 
-def call(plpy, routine: str, arguments: dict, procedure: bool):
+def call(plpy, routine: str, arguments: dict, procedure: bool, search_path: str | None = None):
     """The body of every public routine: run ``routine`` with ``arguments`` (the routine's
-    own parameters, by name) to the end; return its result."""
+    own parameters, by name) to the end; return its result. A procedure sets
+    ``search_path`` for each of its transactions (a function's is pinned by its SET
+    clause, which would forbid a procedure's commits)."""
+    pin = _plan(plpy, "pin") if procedure else None
     if procedure:
         try:
             plpy.commit()  # nothing done yet: this only asks whether it may commit
@@ -114,6 +119,7 @@ def call(plpy, routine: str, arguments: dict, procedure: bool):
             raise plpy.spiexceptions.ActiveSqlTransaction(
                 f"imgsim.{routine} cannot run inside a transaction block: it commits as it "
                 "goes, keeping finished work; CALL it on its own (autocommit)") from None
+        plpy.execute(pin, [search_path])
         level = plpy.execute(_plan(plpy, "isolation"))[0]["level"]
         if level != "read committed":  # a snapshot older than the lease it takes would not
             raise plpy.spiexceptions.InvalidTransactionState(  # see other leases
@@ -132,6 +138,7 @@ def call(plpy, routine: str, arguments: dict, procedure: bool):
             while True:
                 state = plpy.execute(step, [token, "next"])[0]["state"]
                 plpy.commit()
+                plpy.execute(pin, [search_path])
                 if state != "more":
                     break
     finally:

@@ -42,6 +42,11 @@ def _p(name, sql_type, default=None):
     return Param(name, sql_type, default)
 
 
+# Every routine resolves names in these schemas only, whatever the caller's search_path:
+# a SET clause on _step and the functions; a procedure, whose SET clause would forbid its
+# commits, sets it for each of its transactions (indb.call).
+SEARCH_PATH = "pg_catalog, imgsim, pg_temp"
+
 # The messages a step sends, whatever the caller set: a session asking for every debug
 # message (megabytes a step) and not reading them would stall the step, holding the lease.
 STEP_MESSAGES = ("SET client_min_messages = notice SET debug_print_parse = off "
@@ -148,10 +153,12 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
 def body(routine: Routine, site: str, build: str) -> str:
     """The PL/Python body of a public routine."""
     arguments = ", ".join(f"{p.name!r}: {p.name}" for p in routine.params)
-    result = "" if routine.procedure else "return "  # a procedure returns None
+    if routine.procedure:  # returns None; pins search_path for each of its transactions
+        run = f"call(plpy, {routine.name!r}, {{{arguments}}}, True, {SEARCH_PATH!r})"
+    else:
+        run = f"return call(plpy, {routine.name!r}, {{{arguments}}}, False)"
     return (BOOTSTRAP.format(site=site, build=build)
-            + "from imgsim.indb import call\n"
-            + f"{result}call(plpy, {routine.name!r}, {{{arguments}}}, {routine.procedure})\n")
+            + "from imgsim.indb import call\n" + run + "\n")
 
 
 def step_body(site: str, build: str) -> str:
@@ -171,7 +178,7 @@ def statements(site: str, build: str):
     created += [sql.SQL(
         "CREATE FUNCTION imgsim._step(token imgsim.short_text, action imgsim.short_text) "
         "RETURNS pg_catalog.text LANGUAGE plpython3u SECURITY DEFINER "
-        "SET search_path = pg_catalog, imgsim, pg_temp " + STEP_MESSAGES + "AS {}").format(
+        "SET search_path = " + SEARCH_PATH + " " + STEP_MESSAGES + "AS {}").format(
             sql.Literal(step_body(site, build)))]
     for routine in ROUTINES:
         params = sql.SQL(", ").join(
@@ -180,7 +187,8 @@ def statements(site: str, build: str):
                 sql.SQL("") if p.default is None else sql.SQL(" DEFAULT " + p.default))
             for p in routine.params)
         kind = sql.SQL("PROCEDURE" if routine.procedure else "FUNCTION")
-        returns = sql.SQL("") if routine.procedure else sql.SQL(" RETURNS " + routine.returns)
+        returns = sql.SQL("") if routine.procedure else sql.SQL(
+            " RETURNS " + routine.returns + " SET search_path = " + SEARCH_PATH)
         created.append(sql.SQL("CREATE {} imgsim.{}({}){} LANGUAGE plpython3u AS {}").format(
             kind, sql.Identifier(routine.name), params, returns,
             sql.Literal(body(routine, site, build))))

@@ -32,7 +32,7 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     import imgsim.serverenv
     imgsim.serverenv.check(SITE, BUILD)
 from imgsim.indb import call
-call(plpy, ''sync_image_folder'', {''folder'': folder, ''replace'': replace}, True)
+call(plpy, ''sync_image_folder'', {''folder'': folder, ''replace'': replace}, True, ''pg_catalog, imgsim, pg_temp'')
 ';
 COMMENT ON PROCEDURE imgsim."sync_image_folder" IS 'Mirror a server folder (one sub-folder per category, inside a folder the DBA allowed) into imgsim.images.';
 CREATE PROCEDURE imgsim."featurize_images"("backbone" imgsim.short_text DEFAULT 'efficientnet_lite0', "batch_size" pg_catalog.int4 DEFAULT 32, "weights" imgsim.short_text DEFAULT NULL) LANGUAGE plpython3u AS 'import sys
@@ -48,7 +48,7 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     import imgsim.serverenv
     imgsim.serverenv.check(SITE, BUILD)
 from imgsim.indb import call
-call(plpy, ''featurize_images'', {''backbone'': backbone, ''batch_size'': batch_size, ''weights'': weights}, True)
+call(plpy, ''featurize_images'', {''backbone'': backbone, ''batch_size'': batch_size, ''weights'': weights}, True, ''pg_catalog, imgsim, pg_temp'')
 ';
 COMMENT ON PROCEDURE imgsim."featurize_images" IS 'CNN features of every image that has none for the backbone.';
 CREATE PROCEDURE imgsim."prepare_data"("ratio_train_test" pg_catalog.float8 DEFAULT 0.75, "max_query_imgs_per_subdir" pg_catalog.int4 DEFAULT 20, "max_neg_imgs_per_query_img" pg_catalog.int4 DEFAULT 100, "seed" pg_catalog.int4 DEFAULT 42, "backbone" imgsim.short_text DEFAULT 'efficientnet_lite0', "weights" imgsim.short_text DEFAULT NULL, "keep_conflicts" pg_catalog.bool DEFAULT false) LANGUAGE plpython3u AS 'import sys
@@ -64,7 +64,7 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     import imgsim.serverenv
     imgsim.serverenv.check(SITE, BUILD)
 from imgsim.indb import call
-call(plpy, ''prepare_data'', {''ratio_train_test'': ratio_train_test, ''max_query_imgs_per_subdir'': max_query_imgs_per_subdir, ''max_neg_imgs_per_query_img'': max_neg_imgs_per_query_img, ''seed'': seed, ''backbone'': backbone, ''weights'': weights, ''keep_conflicts'': keep_conflicts}, True)
+call(plpy, ''prepare_data'', {''ratio_train_test'': ratio_train_test, ''max_query_imgs_per_subdir'': max_query_imgs_per_subdir, ''max_neg_imgs_per_query_img'': max_neg_imgs_per_query_img, ''seed'': seed, ''backbone'': backbone, ''weights'': weights, ''keep_conflicts'': keep_conflicts}, True, ''pg_catalog, imgsim, pg_temp'')
 ';
 COMMENT ON PROCEDURE imgsim."prepare_data" IS 'Train/test split per category (by content) and the evaluation pairs.';
 CREATE PROCEDURE imgsim."train_classifier"("kind" imgsim.short_text DEFAULT 'mlp', "seed" pg_catalog.int4 DEFAULT 42, "backbone" imgsim.short_text DEFAULT NULL, "weights" imgsim.short_text DEFAULT NULL) LANGUAGE plpython3u AS 'import sys
@@ -80,10 +80,10 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     import imgsim.serverenv
     imgsim.serverenv.check(SITE, BUILD)
 from imgsim.indb import call
-call(plpy, ''train_classifier'', {''kind'': kind, ''seed'': seed, ''backbone'': backbone, ''weights'': weights}, True)
+call(plpy, ''train_classifier'', {''kind'': kind, ''seed'': seed, ''backbone'': backbone, ''weights'': weights}, True, ''pg_catalog, imgsim, pg_temp'')
 ';
 COMMENT ON PROCEDURE imgsim."train_classifier" IS 'Train the classifier on the current split (stored as ONNX in imgsim.models) and score every image.';
-CREATE FUNCTION imgsim."evaluate_model"("ks" imgsim.k_list DEFAULT ARRAY[1,2,4,5,8,10,15,20,28,32], "space" imgsim.short_text DEFAULT 'combined', "backbone" imgsim.short_text DEFAULT NULL, "weights" imgsim.short_text DEFAULT NULL, "copies" pg_catalog.bool DEFAULT false) RETURNS TABLE(distance pg_catalog.text, k pg_catalog.int4, accuracy pg_catalog.float8, mean_rank pg_catalog.float8, median_rank pg_catalog.float8, measure pg_catalog.text) LANGUAGE plpython3u AS 'import sys
+CREATE FUNCTION imgsim."evaluate_model"("ks" imgsim.k_list DEFAULT ARRAY[1,2,4,5,8,10,15,20,28,32], "space" imgsim.short_text DEFAULT 'combined', "backbone" imgsim.short_text DEFAULT NULL, "weights" imgsim.short_text DEFAULT NULL, "copies" pg_catalog.bool DEFAULT false) RETURNS TABLE(distance pg_catalog.text, k pg_catalog.int4, accuracy pg_catalog.float8, mean_rank pg_catalog.float8, median_rank pg_catalog.float8, measure pg_catalog.text) SET search_path = pg_catalog, imgsim, pg_temp LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
@@ -112,7 +112,7 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     import imgsim.serverenv
     imgsim.serverenv.check(SITE, BUILD)
 from imgsim.indb import call
-call(plpy, ''rank_candidates'', {''top_k_candidates'': top_k_candidates, ''space'': space, ''include_self'': include_self, ''query_table'': query_table, ''backbone'': backbone, ''weights'': weights}, True)
+call(plpy, ''rank_candidates'', {''top_k_candidates'': top_k_candidates, ''space'': space, ''include_self'': include_self, ''query_table'': query_table, ''backbone'': backbone, ''weights'': weights}, True, ''pg_catalog, imgsim, pg_temp'')
 ';
 COMMENT ON PROCEDURE imgsim."rank_candidates" IS 'The top_k_candidates most similar images of each query image, into imgsim.ranking_results.';
 CREATE PROCEDURE imgsim."set_query_images"("image_ids" imgsim.id_list) LANGUAGE plpython3u AS 'import sys
@@ -128,7 +128,7 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     import imgsim.serverenv
     imgsim.serverenv.check(SITE, BUILD)
 from imgsim.indb import call
-call(plpy, ''set_query_images'', {''image_ids'': image_ids}, True)
+call(plpy, ''set_query_images'', {''image_ids'': image_ids}, True, ''pg_catalog, imgsim, pg_temp'')
 ';
 COMMENT ON PROCEDURE imgsim."set_query_images" IS 'Choose the query images of rank_candidates (an empty array: the test images).';
 CREATE PROCEDURE imgsim."run_image_similarity"("image_folder" imgsim.short_text DEFAULT NULL, "backbone" imgsim.short_text DEFAULT 'efficientnet_lite0', "ratio_train_test" pg_catalog.float8 DEFAULT 0.75, "max_query_imgs_per_subdir" pg_catalog.int4 DEFAULT 20, "max_neg_imgs_per_query_img" pg_catalog.int4 DEFAULT 100, "top_k_candidates" pg_catalog.int4 DEFAULT 10, "ks" imgsim.k_list DEFAULT ARRAY[1,2,4,5,8,10,15,20,28,32], "kind" imgsim.short_text DEFAULT 'mlp', "space" imgsim.short_text DEFAULT 'combined', "seed" pg_catalog.int4 DEFAULT 42, "weights" imgsim.short_text DEFAULT NULL, "replace" pg_catalog.bool DEFAULT false, "keep_conflicts" pg_catalog.bool DEFAULT false) LANGUAGE plpython3u AS 'import sys
@@ -144,7 +144,7 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     import imgsim.serverenv
     imgsim.serverenv.check(SITE, BUILD)
 from imgsim.indb import call
-call(plpy, ''run_image_similarity'', {''image_folder'': image_folder, ''backbone'': backbone, ''ratio_train_test'': ratio_train_test, ''max_query_imgs_per_subdir'': max_query_imgs_per_subdir, ''max_neg_imgs_per_query_img'': max_neg_imgs_per_query_img, ''top_k_candidates'': top_k_candidates, ''ks'': ks, ''kind'': kind, ''space'': space, ''seed'': seed, ''weights'': weights, ''replace'': replace, ''keep_conflicts'': keep_conflicts}, True)
+call(plpy, ''run_image_similarity'', {''image_folder'': image_folder, ''backbone'': backbone, ''ratio_train_test'': ratio_train_test, ''max_query_imgs_per_subdir'': max_query_imgs_per_subdir, ''max_neg_imgs_per_query_img'': max_neg_imgs_per_query_img, ''top_k_candidates'': top_k_candidates, ''ks'': ks, ''kind'': kind, ''space'': space, ''seed'': seed, ''weights'': weights, ''replace'': replace, ''keep_conflicts'': keep_conflicts}, True, ''pg_catalog, imgsim, pg_temp'')
 ';
 COMMENT ON PROCEDURE imgsim."run_image_similarity" IS 'Every step: [sync], featurize, prepare, train, evaluate, rank.';
 CREATE PROCEDURE imgsim."refresh"("top_k_candidates" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'combined') LANGUAGE plpython3u AS 'import sys
@@ -160,10 +160,10 @@ if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     import imgsim.serverenv
     imgsim.serverenv.check(SITE, BUILD)
 from imgsim.indb import call
-call(plpy, ''refresh'', {''top_k_candidates'': top_k_candidates, ''space'': space}, True)
+call(plpy, ''refresh'', {''top_k_candidates'': top_k_candidates, ''space'': space}, True, ''pg_catalog, imgsim, pg_temp'')
 ';
 COMMENT ON PROCEDURE imgsim."refresh" IS 'The scheduled job: featurize new images, re-score them with the current classifier, rank again.';
-CREATE FUNCTION imgsim."similar_images"("image" imgsim.image_file, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'combined', "category" imgsim.short_text DEFAULT NULL, "max_distance" pg_catalog.float8 DEFAULT NULL) RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) LANGUAGE plpython3u AS 'import sys
+CREATE FUNCTION imgsim."similar_images"("image" imgsim.image_file, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'combined', "category" imgsim.short_text DEFAULT NULL, "max_distance" pg_catalog.float8 DEFAULT NULL) RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) SET search_path = pg_catalog, imgsim, pg_temp LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
@@ -179,7 +179,7 @@ from imgsim.indb import call
 return call(plpy, ''similar_images'', {''image'': image, ''k'': k, ''space'': space, ''category'': category, ''max_distance'': max_distance}, False)
 ';
 COMMENT ON FUNCTION imgsim."similar_images" IS 'Featurize and score one new image, and return the k most similar stored images, of one category and within a distance when given (writes nothing).';
-CREATE FUNCTION imgsim."similar_to"("image_id" pg_catalog.int4, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'combined', "category" imgsim.short_text DEFAULT NULL, "max_distance" pg_catalog.float8 DEFAULT NULL) RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) LANGUAGE plpython3u AS 'import sys
+CREATE FUNCTION imgsim."similar_to"("image_id" pg_catalog.int4, "k" pg_catalog.int4 DEFAULT 10, "space" imgsim.short_text DEFAULT 'combined', "category" imgsim.short_text DEFAULT NULL, "max_distance" pg_catalog.float8 DEFAULT NULL) RETURNS TABLE(image_id pg_catalog.int4, path pg_catalog.text, category pg_catalog.text, distance pg_catalog.float8) SET search_path = pg_catalog, imgsim, pg_temp LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
@@ -195,7 +195,7 @@ from imgsim.indb import call
 return call(plpy, ''similar_to'', {''image_id'': image_id, ''k'': k, ''space'': space, ''category'': category, ''max_distance'': max_distance}, False)
 ';
 COMMENT ON FUNCTION imgsim."similar_to" IS 'The k stored images most similar to a stored image, from its stored vector (writes nothing).';
-CREATE FUNCTION imgsim."current_results"() RETURNS TABLE(part pg_catalog.text, run_id pg_catalog.int4, note pg_catalog.text) LANGUAGE plpython3u AS 'import sys
+CREATE FUNCTION imgsim."current_results"() RETURNS TABLE(part pg_catalog.text, run_id pg_catalog.int4, note pg_catalog.text) SET search_path = pg_catalog, imgsim, pg_temp LANGUAGE plpython3u AS 'import sys
 SITE, BUILD = ''<server-side site-packages>'', ''<build>''
 if getattr(sys.modules.get("imgsim"), "__build__", None) != BUILD:
     if getattr(sys.modules.get("imgsim.indb"), "_INVOCATIONS", None):
