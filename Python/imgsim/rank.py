@@ -354,11 +354,7 @@ def nearest(store, vector, k: int = 10, space: str = "combined",
         ids, categories, matrix = (
             _combined_candidates(store, vector, k, feature_key, category, exclude)
             if space == "combined" else space_vectors(store, space, feature_key))
-        keep = np.ones(len(ids), bool)
-        if category is not None:
-            keep &= np.array([c == category for c in categories], bool)
-        if exclude is not None:
-            keep &= ids != exclude
+        keep = _kept(ids, categories, category, exclude)
         ids, matrix = ids[keep], matrix[keep]
         indices, distances = top_k_cosine(np.asarray(vector)[None], matrix, k)
         found = [(int(ids[i]), float(d)) for i, d in zip(indices[0], distances[0])
@@ -373,37 +369,42 @@ def _combined_candidates(store, vector, k: int, key: str, category, exclude):
     distance is at least ``d_scores / (1 + w)``: no image whose score distance is over
     ``1 + w`` times the combined distance of the k-th nearest by scores can be nearer."""
     ids, categories, _, scores = store.score_matrix()
-    keep = np.ones(len(ids), bool)
-    if category is not None:
-        keep &= np.array([c == category for c in categories], bool)
-    if exclude is not None:
-        keep &= ids != exclude
+    keep = _kept(ids, categories, category, exclude)
     if not keep.any():
         return space_vectors(store, "combined", key, [])
     ids, scores = ids[keep], scores[keep]
     categories = [c for c, kept in zip(categories, keep) if kept]
     by_scores = 1.0 - unit_rows(scores) @ np.asarray(vector[:scores.shape[1]], np.float32)
     first = np.sort(np.argsort(by_scores, kind="stable")[:k])  # by id, as features come
-    found, _, features = _features_of(store, key, ids[first])
+    found, features = _features_of(store, key, ids[first])
     if len(found) < len(first):  # some lack features: every image, the plain way
         return space_vectors(store, "combined", key)
     near = 1.0 - unit_rows(combined(scores[first], features)) @ unit_rows(
         np.asarray(vector, np.float32)[None])[0]
     bound = (1 + FEATURE_WEIGHT) * float(near.max(initial=0.0)) + 1e-6
     rows = np.flatnonzero(by_scores <= bound)
-    found, _, features = _features_of(store, key, ids[rows])
+    found, features = _features_of(store, key, ids[rows])
     rows = rows[np.isin(ids[rows], found)]
     return ids[rows], [categories[r] for r in rows], combined(scores[rows], features)
 
 
+def _kept(ids, categories, category, exclude) -> np.ndarray:
+    """Which images a search may answer: of ``category`` when given, not ``exclude``."""
+    keep = ids != exclude if exclude is not None else np.ones(len(ids), bool)
+    if category is not None:
+        keep &= np.array([c == category for c in categories], bool)
+    return keep
+
+
 def _features_of(store, key: str, ids, chunk: int = 10_000):
-    """``store.feature_matrix`` of ``ids``, a chunk of ids a statement (SQLite bounds the
-    parameters of one)."""
+    """``(ids, features)`` of those of ``ids`` with features, by id, a chunk of ids a
+    statement (SQLite bounds the parameters of one)."""
     parts = [store.feature_matrix(key, ids[start:start + chunk].tolist())
-             for start in range(0, len(ids), chunk)] or [store.feature_matrix(key, [])]
-    return (np.concatenate([p[0] for p in parts]), sum((p[1] for p in parts), []),
-            np.concatenate([p[2] for p in parts]) if any(len(p[0]) for p in parts)
-            else np.zeros((0, 0), np.float32))
+             for start in range(0, len(ids), chunk)]
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[2] for p in parts])
 
 
 def similar_images(store, image: bytes, k: int = 10, space: str = "combined",
