@@ -292,10 +292,10 @@ def test_a_killed_step_is_marked_abandoned_and_its_batches_kept(small_folder, tm
     store.close()
 
 
-def test_ctrl_c_stops_with_one_line_and_exit_130(small_folder, tmp_path):
+def test_ctrl_c_stops_with_one_line_and_exit_130(texture_folder, tmp_path):
     url = f"sqlite:///{tmp_path / 'int.db'}"
     store = open_store(url)
-    sync_image_folder(store, small_folder, progress=False)
+    sync_image_folder(store, texture_folder, progress=False)  # enough not to finish first
     step = cli("--db", url, "--quiet", "featurize", "--batch-size", "1")
     until(lambda: rows(store, t.features) >= 2)
     step.send_signal(signal.SIGINT)
