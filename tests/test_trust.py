@@ -31,8 +31,12 @@ SMALL = {"max_query_imgs_per_subdir": 3, "max_neg_imgs_per_query_img": 10}
 
 
 def cli(*args, **kw):
+    """The command in a child process that answers Ctrl-C (SIGINT) even when the tests
+    run in the background, where a shell starts them with it ignored."""
     return subprocess.Popen([sys.executable, "-m", "imgsim.cli", *args], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            **kw)
 
 
 def until(condition, timeout=60.0):
