@@ -133,16 +133,22 @@ SERVER_VENV = Path(os.environ.get("IMGSIM_TEST_SERVER_VENV", "/tmp/imgsim-test-s
 
 
 @pytest.fixture(scope="session")
-def pg_dsn():
-    """A real PostgreSQL 15 server: IMGSIM_TEST_DSN, or a throwaway cluster."""
+def pg_cluster():
+    """The throwaway PostgreSQL 15 cluster the tests start (None under IMGSIM_TEST_DSN)."""
     if os.environ.get("IMGSIM_TEST_DSN"):
-        yield os.environ["IMGSIM_TEST_DSN"]
+        yield None
         return
     from pg_cluster import Cluster
 
     cluster = Cluster()
-    yield cluster.dsn
+    yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_cluster):
+    """A real PostgreSQL 15 server: IMGSIM_TEST_DSN, or a throwaway cluster."""
+    return os.environ.get("IMGSIM_TEST_DSN") or pg_cluster.dsn
 
 
 def fresh_database(pg_dsn: str, name: str) -> str:

@@ -39,15 +39,35 @@ class Cluster:
         self.port = _free_port()
         _as_postgres([BIN / "initdb", "-D", self.data, "-A", "trust", "-U", "postgres",
                       "-E", "UTF8", "--no-sync"])
+        self._start()
+        _as_postgres([BIN / "createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "postgres",
+                      DATABASE])
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
+
+    def _start(self):
         options = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
                    f"-c shared_preload_libraries=pg_cron -c cron.database_name={DATABASE} "
                    "-c cron.use_background_workers=on -c max_worker_processes=16 "
                    "-c fsync=off")
         _as_postgres([BIN / "pg_ctl", "-D", self.data, "-l", self.base / "log", "-w",
                       "-o", options, "start"])
-        _as_postgres([BIN / "createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "postgres",
-                      DATABASE])
-        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
+
+    def standby(self) -> "Cluster":
+        """A hot standby of this server, streaming its WAL: PostgreSQL's own replication,
+        made with pg_basebackup, on another loopback port."""
+        replica = Cluster.__new__(Cluster)
+        replica.base = Path(tempfile.mkdtemp(prefix="imgsim-pg-standby-"))
+        os.chmod(replica.base, 0o755)
+        if os.geteuid() == 0:
+            shutil.chown(replica.base, "postgres")
+        replica.data, replica.port = replica.base / "data", _free_port()
+        _as_postgres([BIN / "pg_basebackup", "-h", "127.0.0.1", "-p", self.port, "-U",
+                      "postgres", "-D", replica.data, "-R", "-X", "stream", "-c", "fast"])
+        replica._start()
+        return replica
 
     def stop(self):
         try:

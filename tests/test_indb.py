@@ -1,6 +1,7 @@
 """imgsim inside a real PostgreSQL 15: deploy, procedures via psql and ODBC, compute
 contexts, roles, injection attempts, bad images, the pg_cron job, undeploy."""
 
+import time
 
 import numpy as np
 import psycopg
@@ -8,7 +9,7 @@ import pyodbc
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from conftest import BAD_FILES, PER_CATEGORY, one, psql
+from conftest import BAD_FILES, PER_CATEGORY, as_role, one, psql
 from imgsim import evaluate_model, prepare_data, rank_candidates, train_classifier
 from imgsim.deploy import deploy, undeploy
 from imgsim.featurize import feature_key
@@ -121,6 +122,55 @@ def test_similar_images_finds_the_image_itself_first(indb, server_folder):
     assert len(rows) == 5
     assert rows[0][1] == "zebra" and float(rows[0][2]) < 1e-4
     assert sum(r[1] == "zebra" for r in rows) >= 3
+
+
+@pytest.fixture(scope="module")
+def standby(indb, pg_cluster):
+    """A streaming replica of the test server (pg_basebackup, another loopback port)."""
+    if pg_cluster is None:
+        pytest.skip("IMGSIM_TEST_DSN names a server of which the tests cannot make a standby")
+    replica = pg_cluster.standby()
+    yield indb.replace(f":{pg_cluster.port}/", f":{replica.port}/")
+    replica.stop()
+
+
+def replayed(primary, replica) -> None:
+    """Wait until the replica has replayed everything the primary wrote until now."""
+    lsn = one(primary, "SELECT pg_catalog.pg_current_wal_lsn()")[0]
+    for _ in range(600):
+        if one(replica, "SELECT pg_catalog.pg_last_wal_replay_lsn() >= %s", (lsn,))[0]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the standby did not replay up to {lsn}")
+
+
+def test_an_analyst_queries_and_reads_rankings_on_a_streaming_replica(indb, standby,
+                                                                      server_folder):
+    psql(indb, "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'rita') "
+               "THEN CREATE ROLE rita LOGIN IN ROLE imgsim_analyst; END IF; END $$;")
+    psql(as_role(indb, "rita"), "CALL imgsim.rank_candidates(top_k_candidates => 3)")
+    replayed(indb, standby)  # what was written after the standby was made: streamed
+    image = (server_folder / "zebra" / "zebra_003.jpg").read_bytes()
+    stored = one(indb, "SELECT id FROM imgsim.images WHERE path = 'dotted/dotted_002.jpg'")[0]
+    queries = [
+        ("SELECT path, category, distance FROM imgsim.similar_images(%s, 5)", (image,)),
+        ("SELECT path, category, distance FROM imgsim.similar_to(%s, 5)", (stored,)),
+        ("SELECT r.query_id, r.rank, r.candidate_id, r.distance FROM imgsim.ranking_results r "
+         "JOIN imgsim.current_results() c ON c.part = 'ranking' AND c.run_id = r.run_id "
+         "ORDER BY 1, 2", ()),
+    ]
+    for query, params in queries:
+        with psycopg.connect(as_role(standby, "rita")) as conn:
+            assert conn.execute("SELECT pg_catalog.pg_is_in_recovery()").fetchone()[0]
+            got = conn.execute(query, params).fetchall()
+        with psycopg.connect(as_role(indb, "rita")) as conn:
+            expected = conn.execute(query, params).fetchall()
+        assert got and [r[:-1] for r in got] == [r[:-1] for r in expected]
+        np.testing.assert_allclose([r[-1] for r in got], [r[-1] for r in expected],
+                                   atol=1e-6)
+    assert {rank for _, rank, _, _ in got} == {1, 2, 3}  # the ranking made after the copy
+    with pytest.raises(psycopg.Error, match="read-only"):  # a step writes: the primary's job
+        one(as_role(standby, "rita"), "CALL imgsim.rank_candidates()")
 
 
 def test_similar_images_refuses_a_non_image_with_a_clear_error(indb):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -41,6 +42,25 @@ def _workers_arg(p):
     p.add_argument("--workers", type=int,
                    help="threads decoding images while others are inferred (default: half "
                         "the cores)")
+
+
+def _ray_args(p, choices):
+    p.add_argument("--compute", choices=choices, default="local",
+                   help="local: here against --db; "
+                        + ("in-db: CALL the procedures deployed in the PostgreSQL database "
+                           "--db (FOLDER is then a path on the server); " if "in-db" in choices
+                           else "")
+                        + "ray: featurize on the Ray cluster --ray-address (pip install "
+                          "'imgsim[ray]') (default: %(default)s)")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", "local"),
+                   help="with --compute ray: 'auto', HOST:PORT, ray://HOST:PORT, or 'local' "
+                        "to start Ray here (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--cpus-per-actor", type=int, default=1,
+                   help="with --compute ray: CPUs of each featurizing actor (default: 1)")
+
+
+def _ray_address(args) -> str | None:
+    return args.ray_address if args.compute == "ray" else None
 
 
 def _prepare_args(p):
@@ -118,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _backbone_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     _workers_arg(p)
+    _ray_args(p, ("local", "ray"))
 
     p = sub.add_parser("prepare", help="split train/test and draw the evaluation set")
     _backbone_args(p)
@@ -162,10 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _rank_args(p)
     p.add_argument("--report", default="imgsim_report.html",
                    help="HTML report path (default: %(default)s)")
-    p.add_argument("--compute", choices=("local", "in-db"), default="local",
-                   help="local: the steps run here against --db; in-db: CALL the procedures "
-                        "deployed in the PostgreSQL database --db (FOLDER is then a path on "
-                        "the server) (default: %(default)s)")
+    _ray_args(p, ("local", "in-db", "ray"))
 
     p = sub.add_parser("deploy", help="install or upgrade imgsim inside PostgreSQL (--db)")
     p.add_argument("--dsn", help="postgresql://user@host:port/db of a superuser (or give --db)")
@@ -370,6 +388,9 @@ def _run(args) -> int:
         _check_output_folder(args.report, "--report")
     if args.command == "report":
         _check_output_folder(args.out, "--out")
+    if getattr(args, "compute", None) == "ray" and args.workers is not None:
+        raise ParameterError("--workers is for --compute local: on Ray each actor decodes "
+                             "with the CPUs it was given (--cpus-per-actor)")
     if args.command == "run" and args.compute == "in-db":
         check_chart_path(args.chart)
         if args.workers is not None:
@@ -391,7 +412,7 @@ def _run(args) -> int:
                         replace=args.replace, keep_conflicts=args.keep_conflicts)
     _check_database_exists(args)
     store = open_store(args.db)
-    if args.command == "run" and args.compute == "local" and args.folder is None \
+    if args.command == "run" and args.compute != "in-db" and args.folder is None \
             and not store.categories():
         raise ParameterError(f"{_shown(store)} has no images yet: give run the image FOLDER "
                              "(one sub-folder of images per category)")
@@ -410,7 +431,9 @@ def _run(args) -> int:
         result = sync_image_folder(store, args.folder, args.replace, progress=progress)
     elif args.command == "featurize":
         result = featurize_images(store, args.backbone, weights, args.batch_size,
-                                  progress=progress, workers=args.workers)
+                                  progress=progress, workers=args.workers,
+                                  ray_address=_ray_address(args),
+                                  cpus_per_actor=args.cpus_per_actor)
     elif args.command == "prepare":
         result = prepare_data(store, args.backbone, weights, args.ratio_train_test,
                               args.max_query_imgs_per_subdir,
@@ -437,7 +460,7 @@ def _run(args) -> int:
             args.max_query_imgs_per_subdir, args.max_neg_imgs_per_query_img,
             args.top_k_candidates, args.ks, args.kind, args.space, args.seed,
             args.fine_tune, args.epochs, args.chart, progress, args.replace,
-            args.keep_conflicts, args.workers)
+            args.keep_conflicts, args.workers, _ray_address(args), args.cpus_per_actor)
         _print_results_table(store)
         print(f"report: {write_report(store, args.report).resolve()}")
         return 0

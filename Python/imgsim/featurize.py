@@ -87,7 +87,7 @@ def signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _block_signals() -> None:
+def block_signals() -> None:
     """In a worker thread: leave every signal to the main thread."""
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
 
@@ -152,7 +152,8 @@ def features_in_use(store, backbone: str | None = None, weights=None) -> str:
 @stepwise
 def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=None,
                      batch_size: int = 32, progress: bool = True, model: str | None = None,
-                     workers: int | None = None) -> dict:
+                     workers: int | None = None, ray_address: str | None = None,
+                     cpus_per_actor: int = 1) -> dict:
     """Compute features for every image that has none for ``backbone`` (or ``model``).
 
     Parameters
@@ -171,6 +172,12 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
         and resizes without holding the GIL): by default half the cores, at least one;
         one inside the server (each may take the memory setting's decoding share). An
         image refused for memory is tried again by the next featurize.
+    ray_address : str, optional
+        Decode and infer on a Ray cluster instead of this process
+        (:mod:`imgsim.compute.ray_featurize`): ``'auto'``, ``'host:6379'``,
+        ``'ray://host:10001'``, or ``'local'`` to start one here. Needs ``imgsim[ray]``.
+    cpus_per_actor : int
+        On Ray: the CPUs each featurizing actor takes (and ONNX Runtime's threads in it).
 
     Returns
     -------
@@ -194,10 +201,16 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
     if model is None and backbone == "resnet18" and weights is None:
         raise checks.ParameterError("backbone resnet18 needs weights=PATH (a torchvision-"
                                     "format state_dict file)")
+    if ray_address is not None:
+        from .compute import ray_featurize
+
+        ray_featurize.check_request(store, ray_address, cpus_per_actor)
     if weights is not None:
         weights = store.readable_path(weights, "weights")
     params = {"backbone": backbone, "weights": str(weights) if weights else None,
               "batch_size": batch_size}
+    if ray_address is not None:
+        params.update(ray_address=ray_address, cpus_per_actor=cpus_per_actor)
     if model is None:
         key = feature_key(backbone, weights)
         if not store.local_files and not store.model_digests([key]):
@@ -223,7 +236,11 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
         counts = {"pending": len(pending), "featurized": 0, "reused": 0, "failed": 0,
                   "batch_size": batch_size, "workers": workers}
         run.progress(**counts)
-        if pending:
+        if pending and ray_address is not None:
+            ray_featurize.featurize(store, key, _batches(pending, batch_size,
+                                                         budget.batch_bytes),
+                                    run, counts, ray_address, cpus_per_actor, progress)
+        elif pending:
             featurizer = Featurizer(graph, max_decode_bytes=budget.decode_bytes)
             bar = tqdm(total=len(pending), desc=f"featurize {backbone}", unit="img",
                        disable=not progress)
@@ -231,15 +248,15 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
             # Store access stays on this thread (plpy is single-threaded); the workers
             # only decode, the next batch while this one is inferred. Stopped, the step
             # waits for the decodes in progress (none is left running), not the queued.
-            pool = ThreadPoolExecutor(max_workers=workers, initializer=_block_signals)
+            pool = ThreadPoolExecutor(max_workers=workers, initializer=block_signals)
             try:
-                future = _decode(pool, featurizer, _load(store, key, batches[0]))
+                future = start_decoding(pool, featurizer, load_batch(store, key, batches[0]))
                 for index in range(len(batches)):
-                    decoded = _wait(store, future)
+                    decoded = wait_decoded(store, future)
                     if index + 1 < len(batches):
-                        future = _decode(pool, featurizer,
-                                         _load(store, key, batches[index + 1]))
-                    _embed_and_store(store, featurizer, key, decoded, run, counts)
+                        future = start_decoding(pool, featurizer,
+                                         load_batch(store, key, batches[index + 1]))
+                    embed_and_store(store, featurizer, key, decoded, run, counts)
                     bar.update(len(batches[index]))
                     run.progress(force=True, **counts)
                     yield
@@ -268,7 +285,7 @@ def prepare_answering(store, featurizer, data: bytes):
     A cancel waits for the decode in progress (bounded by the limits of
     :mod:`imgsim.images`): a thread left behind in a server process would keep its
     memory, and its CPU, after the call."""
-    with ThreadPoolExecutor(max_workers=1, initializer=_block_signals) as pool:
+    with ThreadPoolExecutor(max_workers=1, initializer=block_signals) as pool:
         future = pool.submit(featurizer.prepare, data)
         while True:
             try:
@@ -283,7 +300,7 @@ def default_workers(store) -> int:
     return 1 if not store.local_files else max(1, (os.cpu_count() or 1) // 2)
 
 
-def _wait(store, decoding):
+def wait_decoded(store, decoding):
     """The decoded batch, answering a cancel while the workers decode."""
     reused_rows, todo, copies, futures = decoding
     arrays = []
@@ -297,7 +314,7 @@ def _wait(store, decoding):
     return reused_rows, arrays, copies
 
 
-def _load(store, key, batch):
+def load_batch(store, key, batch):
     """Fetch one batch's bytes; take vectors of content already featurized instead, and
     decode a content that the batch holds twice only once."""
     reused = store.vectors_by_sha(key, {sha for _, _, sha in batch})
@@ -314,14 +331,14 @@ def _load(store, key, batch):
     return [(i, s, reused[s]) for i, _, s in batch if s in reused], todo, copies, data
 
 
-def _decode(pool, featurizer, loaded):
+def start_decoding(pool, featurizer, loaded):
     """Start decoding a loaded batch on the pool: ``(reused rows, todo, copies, futures)``."""
     reused_rows, todo, copies, data = loaded
     futures = [pool.submit(featurizer.prepare, data.pop(i)) for i, _, _ in todo]
     return reused_rows, todo, copies, futures
 
 
-def _embed_and_store(store, featurizer, key, decoded, run, counts):
+def embed_and_store(store, featurizer, key, decoded, run, counts):
     reused_rows, arrays, copies = decoded
     good = [(i, s, a) for i, _, s, a in arrays if not isinstance(a, ImageError)]
     failed = {s: a for _, _, s, a in arrays if isinstance(a, ImageError)}

@@ -26,14 +26,16 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
                          seed: int = DEFAULT_SEED, fine_tune: bool = False,
                          epochs: int = DEFAULT_EPOCHS, chart_path=None,
                          progress: bool = True, replace: bool = False,
-                         keep_conflicts: bool = False, workers: int | None = None) -> dict:
+                         keep_conflicts: bool = False, workers: int | None = None,
+                         ray_address: str | None = None, cpus_per_actor: int = 1) -> dict:
     """Sync (when ``image_folder`` is given), featurize, prepare, train (fine-tuning the
     backbone first when ``fine_tune``), evaluate, rank.
 
     Every parameter is checked before any step runs; the steps run under one lock, so
     no other run's step comes between them, and each step's results are kept (committed,
     with its record) before the next one starts, so a later failure takes none of them
-    back. Returns each step's result under its name.
+    back. Returns each step's result under its name. ``ray_address`` featurizes on a
+    Ray cluster (see :func:`imgsim.featurize_images`).
     """
     checks.choice("backbone", backbone, sorted(SPECS))
     checks.ratio("ratio_train_test", ratio_train_test)
@@ -49,6 +51,10 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
         checks.count("workers", workers, 1)
     if fine_tune:
         check_request(epochs)
+    if ray_address is not None:
+        from .compute import ray_featurize
+
+        ray_featurize.check_request(store, ray_address, cpus_per_actor)
     if backbone == "resnet18" and weights is None:
         raise checks.ParameterError("backbone resnet18 needs weights=PATH")
     if weights is not None:
@@ -63,7 +69,8 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
                 store, image_folder, replace, progress=progress)
             yield
         results["featurize_images"] = yield from featurize_images.stretches(
-            store, backbone, weights, progress=progress, workers=workers)
+            store, backbone, weights, progress=progress, workers=workers,
+            ray_address=ray_address, cpus_per_actor=cpus_per_actor)
         yield
         results["prepare_data"] = yield from prepare_data.stretches(
             store, backbone, weights, ratio_train_test, max_query_imgs_per_subdir,

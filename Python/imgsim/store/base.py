@@ -347,6 +347,12 @@ class Store:
             query = query.where(e.retry.is_(True))
         self._write(query)
 
+    def delete_run_errors(self, run_id: int, ids) -> None:
+        """Forget what run ``run_id`` recorded against images ``ids`` (done again)."""
+        e = t.image_errors.c
+        self._write(delete(t.image_errors).where(
+            e.run_id == run_id, e.image_id.in_(list(map(int, ids)))))
+
     def image_errors_of(self, ids) -> list[tuple]:
         """``(image_id, step, reason)`` of what was recorded against images ``ids``."""
         e = t.image_errors.c
@@ -398,8 +404,12 @@ class Store:
         if not rows:
             return
         f = t.features.c
-        self._write(delete(t.features).where(
-            f.backbone == backbone, f.image_id.in_([r[0] for r in rows])))
+        with self.transaction():
+            self._write(delete(t.features).where(
+                f.backbone == backbone, f.image_id.in_([r[0] for r in rows])))
+            self._insert_features(backbone, rows)
+
+    def _insert_features(self, backbone: str, rows: list[tuple[int, str, bytes]]) -> None:
         values = [{"image_id": i, "backbone": backbone, "sha256": s, "vector": v}
                   for i, s, v in rows]
         if self.has_vectors():

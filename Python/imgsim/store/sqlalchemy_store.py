@@ -8,6 +8,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (ArgumentError, DBAPIError, OperationalError, SAWarning,
@@ -16,7 +18,7 @@ from sqlalchemy.schema import CreateColumn, CreateSchema
 
 from .. import checks
 from . import tables
-from .base import LEASE_KEY, Busy, Store
+from .base import LEASE_KEY, VECTOR_DTYPE, Busy, Store
 
 DEFAULT_URL = "sqlite:///imgsim.db"
 
@@ -146,6 +148,28 @@ class SQLAlchemyStore(Store):
                                 else preparer.format_table(table))
                         ddl = CreateColumn(column).compile(dialect=connection.dialect)
                         connection.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {ddl}")
+
+    def _insert_features(self, backbone: str, rows: list[tuple[int, str, bytes]]) -> None:
+        """On PostgreSQL, by COPY: a batch of features in one stream."""
+        if self.dialect_name != "postgresql":
+            return super()._insert_features(backbone, rows)
+        from psycopg import sql
+
+        columns = ["image_id", "backbone", "sha256", "vector"]
+        if self.has_vectors():
+            columns.append("embedding")
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(tables.SCHEMA, "features"),
+            sql.SQL(", ").join(map(sql.Identifier, columns)))
+        with self.transaction():
+            self._local.wrote = True
+            cursor = self._connection.connection.driver_connection.cursor()
+            with cursor.copy(statement) as copy:
+                for image_id, sha, vector in rows:
+                    row = (image_id, backbone, sha, vector)
+                    if len(columns) == 5:
+                        row += (tables.vector_text(np.frombuffer(vector, VECTOR_DTYPE)),)
+                    copy.write_row(row)
 
     # -- the step lock: a lock file beside SQLite, a lease in PostgreSQL --------------
     def _acquire(self) -> bool:
