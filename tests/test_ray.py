@@ -18,6 +18,7 @@ from imgsim.cli import main
 from imgsim.featurize import features_in_use
 
 ACTOR = "ray::MapWorker(MapBatches(FeaturizeBlock))"
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,15 @@ def test_a_worker_killed_mid_job_leaves_every_image_featurized_once(ray_cluster,
         ids = {r[0] for r in conn.execute("SELECT id FROM imgsim.images")}
     assert {i for i, _ in rows} == ids and {n for _, n in rows} == {1}
     assert store.last_run("featurize_images") is not None  # the step succeeded
+    store.close()
+
+
+def test_an_actor_larger_than_every_node_is_refused_with_the_largest_named(ray_cluster, pg_dsn,
+                                                                          small_folder):
+    url, store = synced(pg_dsn, "imgsim_ray_big", small_folder)
+    with pytest.raises(ParameterError, match=r"has 2 CPU\(s\).*the largest has 1"):
+        featurize_images(store, ray_address=ray_cluster, cpus_per_actor=2, progress=False)
+    assert one(url, "SELECT count(*) FROM imgsim.features")[0] == 0
     store.close()
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,7 +39,8 @@ def check_request(store, ray_address: str, cpus_per_actor: int) -> None:
     if not isinstance(ray_address, str) or not 0 < len(ray_address) <= 1000:
         raise checks.ParameterError(f"ray_address must be a Ray address such as 'auto', "
                                     f"'local' or 'host:6379'; got {ray_address!r}")
-    checks.count("cpus_per_actor", cpus_per_actor, 1)
+    if checks.count("cpus_per_actor", cpus_per_actor, 1) > 1024:
+        raise checks.ParameterError(f"cpus_per_actor must be <= 1024; got {cpus_per_actor}")
     if not store.local_files:
         raise checks.ParameterError("ray_address is for a client: inside the database a step "
                                     "runs in its server process")
@@ -95,15 +95,13 @@ class FeaturizeBlock:
                                      max_decode_bytes=budget.decode_bytes)
         self.pool = ThreadPoolExecutor(max_workers=cpus, initializer=block_signals)
         self.key, self.run = key, SimpleNamespace(id=run_id)
-        self.node, self.pid = context.get_node_id(), os.getpid()
+        self.node = context.get_node_id()
 
     def __call__(self, block: dict) -> dict:
-        out = {"node": [], "pid": [], "images": [], "featurized": [], "reused": [],
-               "failed": []}
+        out = {"node": [], "images": [], "featurized": [], "reused": [], "failed": []}
         for ids in block["ids"]:
             counts = self.featurize([int(i) for i in ids])
             out["node"].append(self.node)
-            out["pid"].append(self.pid)
             out["images"].append(len(ids))
             for name in ("featurized", "reused", "failed"):
                 out[name].append(counts[name])
@@ -143,8 +141,15 @@ def featurize(store, key: str, batches: list[list[tuple]], run, counts: dict,
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its own progress lines
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]),
+                      default=0)
+        if largest < cpus_per_actor:
+            raise checks.ParameterError(
+                f"no node of the Ray cluster {ray_address!r} has {cpus_per_actor} CPU(s) for "
+                f"an actor (the largest has {largest:g}): lower cpus_per_actor")
         # every actor from the start (a pool growing later runs the first blocks alone)
-        actors = max(1, int(ray.available_resources().get("CPU", 1) // cpus_per_actor))
+        actors = min(len(batches),
+                     max(1, int(ray.available_resources().get("CPU", 1) // cpus_per_actor)))
         digest = store.model_digests([key])[key][0]
         blocks = ray.data.from_items([{"ids": [i for i, _, _ in b]} for b in batches],
                                      override_num_blocks=len(batches))
@@ -154,13 +159,18 @@ def featurize(store, key: str, batches: list[list[tuple]], run, counts: dict,
         nodes = {}
         with tqdm(total=sum(map(len, batches)), desc="featurize on ray", unit="img",
                   disable=not progress) as bar:
-            for row in results.iter_rows():
-                for name in ("featurized", "reused", "failed"):
-                    counts[name] += int(row[name])
-                nodes[row["node"]] = nodes.get(row["node"], 0) + int(row["images"])
-                counts["nodes"] = nodes
-                bar.update(int(row["images"]))
-                run.progress(**counts)
+            try:
+                for row in results.iter_rows():
+                    for name in ("featurized", "reused", "failed"):
+                        counts[name] += int(row[name])
+                    nodes[row["node"]] = nodes.get(row["node"], 0) + int(row["images"])
+                    counts["nodes"] = nodes
+                    bar.update(int(row["images"]))
+                    run.progress(**counts)
+            except ray.exceptions.RayError as exc:  # one line, not the remote traceback
+                cause = getattr(exc, "cause", None) or exc
+                raise RuntimeError(f"featurize on Ray failed: {type(cause).__name__}: "
+                                   f"{str(cause).strip().splitlines()[-1]}") from exc
     finally:
         if started:
             ray.shutdown()
