@@ -145,15 +145,17 @@ def export_onnx(name: str, weights: str | os.PathLike | None = None) -> bytes:
     return module_to_onnx(build_module(name, weights), name)
 
 
-def module_to_onnx(module, name: str, part: str = "all") -> bytes:
+def module_to_onnx(module, name: str, part: str = "all", size: int | None = None) -> bytes:
     """Export a built backbone module of kind ``name`` (``part`` ``'all'``, or ``'trunk'``:
-    the frozen stages that fine-tuning leaves alone) with its pixel normalisation."""
+    the frozen stages that fine-tuning leaves alone) with its pixel normalisation, for
+    square images of ``size`` pixels (default: INPUT_SIZE)."""
     import torch
 
     spec = get_spec(name)
     wrapped = _architectures()["normalised"](module, spec.mean, spec.std, part)
     buffer = io.BytesIO()
-    dummy = torch.zeros(2, INPUT_SIZE, INPUT_SIZE, 3, dtype=torch.uint8)
+    size = size or INPUT_SIZE
+    dummy = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's constant-folding notes
         torch.onnx.export(wrapped.eval(), (dummy,), buffer, dynamo=False, opset_version=17,

@@ -5,8 +5,9 @@ backbone's early stages (its *trunk*) stay frozen; its last stages and a new lin
 head are trained on the training images only (the test images never reach it):
 
 1. each training image gives ``VIEWS`` augmented views: a random square crop of
-   30-100% of the image's area (textures seen at several scales), resized to 288 px,
-   flipped left-right half the time;
+   30-100% of the image's area (textures seen at several scales), resized to
+   ``TRAIN_SIZE`` (224 px: smaller than the 288 px the tuned backbone then featurizes
+   at, which costs no accuracy and 40% of the time), flipped left-right half the time;
 2. the frozen trunk runs once on every view, exported to ONNX Runtime; its outputs are
    kept in a temporary file (memory-mapped, so large sets do not fill memory);
 3. the last stages are trained by PyTorch on those outputs for ``epochs`` epochs, a
@@ -17,11 +18,13 @@ head are trained on the training images only (the test images never reach it):
    featurize_images, the scheduled refresh and similar_images use it like any other,
    in the database too, without torch.
 
-Measured on the reference set (efficientnet_lite0, mlp, 5 seeds, bench/RESULTS.md): test
-accuracy 79.2% -> 89.3%, cosine top-1 43.9% -> 65.5%, top-32 91.7% -> 96.1%, for about
-6 minutes on 2 cores. Tuning only the last stage was 3x faster but 11 points worse at
-top-1 (one seed); tuning three stages was 2x slower and no better (one seed); mirrored
-test-time views gave no consistent gain (two seeds).
+Measured on the reference set (efficientnet_lite0, mlp, seed 0, 2 cores): six 288 px views
+and 12 epochs took 385 s (302 s of them training the top stages), test accuracy 89.0%,
+cosine top-1 65.9%; three 224 px views and 12 epochs 242 s, 89.0%, 65.9%; three 224 px
+views and 8 epochs (the defaults) 174 s, 88.6%, 64.5%. Five seeds are in
+bench/RESULTS.md. Tuning only the last stage was 3x faster but 11 points worse at top-1
+(one seed); tuning three stages was 2x slower and no better (one seed); mirrored test-time
+views gave no consistent gain (two seeds).
 Torch is needed (the ``export`` extra); the database server does not have it, so
 fine-tuning runs from a client against the database's store.
 """
@@ -39,10 +42,11 @@ from tqdm import tqdm
 
 from . import backbones, checks
 from .featurize import Featurizer, feature_key, graph_metadata
-from .images import SIZE, ImageError, load_rgb
+from .images import ImageError, load_rgb
 
-VIEWS = 6
-DEFAULT_EPOCHS = 12
+VIEWS = 3
+TRAIN_SIZE = 224  # pixels of the training views (the tuned graph featurizes at 288)
+DEFAULT_EPOCHS = 8
 MAX_EPOCHS = 200
 BATCH = 32
 
@@ -72,7 +76,7 @@ def augmented_view(image: Image.Image, rng: np.random.Generator) -> np.ndarray:
     left = int(rng.integers(0, width - side + 1))
     top = int(rng.integers(0, height - side + 1))
     view = image.crop((left, top, left + side, top + side)).resize(
-        (SIZE, SIZE), Image.BILINEAR, reducing_gap=3.0)
+        (TRAIN_SIZE, TRAIN_SIZE), Image.BILINEAR, reducing_gap=3.0)
     if rng.random() < 0.5:
         view = view.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(view)
@@ -102,8 +106,8 @@ def fine_tune_backbone(store, train_ids, categories, backbone: str = backbones.D
     with store.transaction():
         store.save_model(key, "backbone", graph, {
             **graph_metadata(backbone), "tuned_from": feature_key(backbone, weights),
-            "epochs": epochs, "views": VIEWS, "seed": seed, "train_images": int(len(kept)),
-            "classes": classes})
+            "epochs": epochs, "views": VIEWS, "view_size": TRAIN_SIZE, "seed": seed,
+            "train_images": int(len(kept)), "classes": classes})
     return key
 
 
@@ -112,7 +116,8 @@ def _trunk_outputs(store, module, backbone, ids, rng, path, progress):
 
     Returns a memory-mapped ``(images, VIEWS, C, H, W)`` float16 array and the positions
     in ``ids`` of the images that decoded."""
-    trunk = Featurizer(backbones.module_to_onnx(module, backbone, part="trunk"))
+    trunk = Featurizer(backbones.module_to_onnx(module, backbone, part="trunk",
+                                                size=TRAIN_SIZE))
     outputs, kept = None, []
     bar = tqdm(total=len(ids), desc="fine-tune: views", unit="img", disable=not progress)
     for start in range(0, len(ids), BATCH):
