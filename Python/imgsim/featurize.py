@@ -236,6 +236,8 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
         counts = {"pending": len(pending), "featurized": 0, "reused": 0, "failed": 0,
                   "batch_size": batch_size, "workers": workers}
         run.progress(**counts)
+        if ray_address is not None:
+            del counts["workers"]  # on Ray: actors, each with its CPUs
         if pending and ray_address is not None:
             ray_featurize.featurize(store, key, _batches(pending, batch_size,
                                                          budget.batch_bytes),

@@ -12,8 +12,8 @@ duplicates nor loses a feature row, and its counts are those of the attempt that
 
 The database must be reachable from every node under the same URL. SQLite is a file on
 this machine: it is refused for any cluster but a Ray started here (``ray_address=
-'local'``). Ray keeps the actor's class, with the URL, in its control store: give a
-PostgreSQL password through each node's ``~/.pgpass`` or ``PGPASSWORD``, not the URL.
+'local'``). Ray keeps the actors' arguments, the URL among them, in its object store: give
+a PostgreSQL password through each node's ``~/.pgpass`` or ``PGPASSWORD``, not the URL.
 """
 
 from __future__ import annotations
@@ -71,16 +71,13 @@ def worker_url(store) -> str:
 
 class FeaturizeBlock:
     """A Ray actor: one database connection and one ONNX Runtime session, for blocks of
-    image ids. Made for a step by :func:`actor_class`, which gives it ``step``."""
+    image ids."""
 
-    step: tuple[str, str, str, int]  # (url, feature key, graph SHA-256, run id)
-
-    def __init__(self):
+    def __init__(self, url: str, key: str, digest: str, run_id: int):
         import ray
 
         from ..store.sqlalchemy_store import SQLAlchemyStore
 
-        url, key, digest, run_id = self.step
         self.store = SQLAlchemyStore(url)
         graph = self.store.load_model(key)
         if graph is None or hashlib.sha256(graph[0]).hexdigest() != digest:
@@ -119,13 +116,6 @@ class FeaturizeBlock:
         return counts
 
 
-def actor_class(url: str, key: str, digest: str, run_id: int) -> type:
-    """FeaturizeBlock for one step, its settings in the class rather than in constructor
-    arguments: Ray would keep those in its object store, where an actor restarted after
-    a lost worker might not find them."""
-    return type("FeaturizeBlock", (FeaturizeBlock,), {"step": (url, key, digest, run_id)})
-
-
 def featurize(store, key: str, batches: list[list[tuple]], run, counts: dict,
               ray_address: str, cpus_per_actor: int = 1, progress: bool = True) -> None:
     """Featurize ``batches`` (lists of ``(image_id, path, sha256)``) on the Ray cluster at
@@ -150,12 +140,14 @@ def featurize(store, key: str, batches: list[list[tuple]], run, counts: dict,
         # every actor from the start (a pool growing later runs the first blocks alone)
         actors = min(len(batches),
                      max(1, int(ray.available_resources().get("CPU", 1) // cpus_per_actor)))
+        counts.update(actors=actors, cpus_per_actor=cpus_per_actor)
         digest = store.model_digests([key])[key][0]
         blocks = ray.data.from_items([{"ids": [i for i, _, _ in b]} for b in batches],
                                      override_num_blocks=len(batches))
         results = blocks.map_batches(
-            actor_class(worker_url(store), key, digest, run.id), batch_size=1,
-            num_cpus=cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=actors))
+            FeaturizeBlock, fn_constructor_args=(worker_url(store), key, digest, run.id),
+            batch_size=1, num_cpus=cpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(size=actors))
         nodes = {}
         with tqdm(total=sum(map(len, batches)), desc="featurize on ray", unit="img",
                   disable=not progress) as bar:
