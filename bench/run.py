@@ -184,7 +184,7 @@ def accuracy_section(args) -> list[str]:
     lines = ["## Accuracy on the reference set, 5 seeds (mean ± sd)", "",
              "Default configuration (efficientnet_lite0, mlp), and the same with `--fine-tune` "
              "(the backbone's last two stages tuned on three 224 px views of each training image "
-             "for 8 epochs). "
+             "for 12 epochs). "
              "Each seed draws its own split and evaluation set; the template's evaluation "
              "(220 queries, 1 positive and 100 negatives each). Template: ResNet18 features, "
              "rx_neural_network, one run. Spaces: combined (imgsim's default: scores, the "

@@ -6,8 +6,8 @@ head are trained on the training images only (the test images never reach it):
 
 1. each training image gives ``VIEWS`` augmented views: a random square crop of
    30-100% of the image's area (textures seen at several scales), resized to
-   ``TRAIN_SIZE`` (224 px: smaller than the 288 px the tuned backbone then featurizes
-   at, which costs no accuracy and 40% of the time), flipped left-right half the time;
+   ``TRAIN_SIZE`` (288 px, the size the tuned backbone then featurizes at), flipped
+   left-right half the time;
 2. the frozen trunk runs once on every view, exported to ONNX Runtime; its outputs are
    kept in a temporary file (memory-mapped, so large sets do not fill memory);
 3. the last stages are trained by PyTorch on those outputs for ``epochs`` epochs, a
@@ -20,10 +20,11 @@ head are trained on the training images only (the test images never reach it):
 
 Measured on the reference set (efficientnet_lite0, mlp, seed 0, 2 cores): six 288 px views
 and 12 epochs took 385 s (302 s of them training the top stages), test accuracy 89.0%,
-cosine top-1 65.9%; three 224 px views and 12 epochs (the defaults) 242 s, 89.0%, 65.9%;
-three 224 px views and 8 epochs 174 s, 88.6%, 64.5%, but over five seeds 87.6% and 61.0%
-(against 88.9% and 65.9% before): too few. Five seeds of the defaults are in
-bench/RESULTS.md. Tuning only the last stage was 3x faster but 11 points worse at top-1
+cosine top-1 65.9% (the defaults; five seeds in bench/RESULTS.md: 88.9% and 65.9%).
+Cheaper settings tried: three 224 px views and 12 epochs 242 s, and on seed 0 the same
+figures, but over five seeds 87.8% and 63.5% (top-32 96.4%); three 224 px views and 8
+epochs 174 s, over five seeds 87.6% and 61.0%. Neither kept: they trade accuracy for time.
+Tuning only the last stage was 3x faster but 11 points worse at top-1
 (one seed); tuning three stages was 2x slower and no better (one seed); mirrored test-time
 views gave no consistent gain (two seeds).
 Torch is needed (the ``export`` extra); the database server does not have it, so
@@ -45,8 +46,8 @@ from . import backbones, checks
 from .featurize import Featurizer, feature_key, graph_metadata
 from .images import ImageError, load_rgb
 
-VIEWS = 3
-TRAIN_SIZE = 224  # pixels of the training views (the tuned graph featurizes at 288)
+VIEWS = 6
+TRAIN_SIZE = 288  # pixels of the training views (the tuned graph featurizes at 288)
 DEFAULT_EPOCHS = 12
 MAX_EPOCHS = 200
 BATCH = 32
