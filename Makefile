@@ -38,6 +38,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	bash tests/install_postgres.sh
 	$(BIN)/pip install -q faiss-cpu
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt-get install -y -qq dataset-fashion-mnist
 	$(BIN)/python -m bench.run
 
 bench-full: $(STAMP)

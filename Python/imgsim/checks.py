@@ -40,6 +40,17 @@ def ratio(name: str, value) -> float:
     return value
 
 
+def between(name: str, value, low: float, high: float, low_included: bool = True) -> float:
+    """A finite number from ``low`` (or above it, when not ``low_included``) to ``high``."""
+    shown = f"{'from' if low_included else 'above'} {low:g} to {high:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ParameterError(f"{name} must be a number {shown}; got {value!r}")
+    value = float(value)
+    if not (low <= value if low_included else low < value) or not value <= high:
+        raise ParameterError(f"{name} must be {shown}; got {value}")
+    return value
+
+
 def count(name: str, value, minimum: int = 0) -> int:
     """A whole number not below ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

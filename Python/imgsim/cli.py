@@ -19,7 +19,7 @@ from .checks import ParameterError
 from .deploy import DEFAULT_SERVER_VENV, deploy, drop_jobs, list_jobs, schedule_job, undeploy
 from .evaluate import DEFAULT_KS, check_chart_path, evaluate_model, ranking_chart
 from .featurize import featurize_images
-from .finetune import DEFAULT_EPOCHS
+from .finetune import DEFAULT_EPOCHS, VALIDATION
 from .images import ImageError
 from .pipeline import refresh, run_image_similarity, run_in_database
 from .prepare import DEFAULT_SEED, prepare_data
@@ -85,7 +85,15 @@ def _train_args(p):
                    help="first tune the backbone's last stages on the training images "
                         "(needs torch; minutes on a CPU; far better accuracy and ranking)")
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
-                   help="fine-tuning epochs (default: %(default)s)")
+                   help="most fine-tuning epochs (default: %(default)s)")
+    p.add_argument("--validation", type=float, default=VALIDATION,
+                   help="share of each category's training images held out of the "
+                        "fine-tuning to stop it early and to judge it: the tuned backbone is "
+                        "kept only when it beats the frozen one there; 0 keeps it always "
+                        "(default: %(default)s)")
+    p.add_argument("--tune-minutes", type=float, metavar="MINUTES",
+                   help="stop the fine-tuning's views and epochs within this time (the "
+                        "featurizing with the tuned backbone comes after)")
 
 
 def _evaluate_args(p):
@@ -440,7 +448,8 @@ def _run(args) -> int:
                               args.max_neg_imgs_per_query_img, args.seed, args.keep_conflicts)
     elif args.command == "train":
         result = train_classifier(store, args.backbone, weights, args.kind, args.seed,
-                                  args.fine_tune, args.epochs, progress)
+                                  args.fine_tune, args.epochs, progress, args.validation,
+                                  args.tune_minutes)
     elif args.command == "evaluate":
         result = evaluate_model(store, args.ks, args.space, args.backbone, weights,
                                 args.chart, args.copies)
@@ -460,7 +469,8 @@ def _run(args) -> int:
             args.max_query_imgs_per_subdir, args.max_neg_imgs_per_query_img,
             args.top_k_candidates, args.ks, args.kind, args.space, args.seed,
             args.fine_tune, args.epochs, args.chart, progress, args.replace,
-            args.keep_conflicts, args.workers, _ray_address(args), args.cpus_per_actor)
+            args.keep_conflicts, args.workers, _ray_address(args), args.cpus_per_actor,
+            args.validation, args.tune_minutes)
         _print_results_table(store)
         print(f"report: {write_report(store, args.report).resolve()}")
         return 0

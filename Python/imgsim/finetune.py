@@ -33,10 +33,13 @@ fine-tuning runs from a client against the database's store.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
 import tempfile
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -44,19 +47,44 @@ from tqdm import tqdm
 
 from . import backbones, checks
 from .featurize import Featurizer, feature_key, graph_metadata
-from .images import ImageError, load_rgb
+from .images import ImageError, center_square, load_rgb
 
 VIEWS = 6
 TRAIN_SIZE = 288  # pixels of the training views (the tuned graph featurizes at 288)
 DEFAULT_EPOCHS = 12
 MAX_EPOCHS = 200
+VALIDATION = 0.1  # share of each category's training images held out (0: none)
+MAX_VALIDATION = 0.5
+PATIENCE = 3  # epochs without a better validation accuracy before stopping (past half)
+MAX_MINUTES = 24 * 60
 BATCH = 32
 
 
-def check_request(epochs: int) -> None:
-    """Refuse a fine-tune, before anything is touched, for bad ``epochs`` or where torch
-    is missing."""
+@dataclass
+class Tuning:
+    """What a fine-tune produced. ``graph`` is None when no epoch could run (``reason``
+    says why); ``fit_features`` and ``validation_features`` are the tuned backbone's
+    features of the held-in and held-out training images (centre views), for
+    train_classifier to compare with the frozen backbone's."""
+    graph: bytes | None
+    key: str | None
+    metadata: dict
+    fit_ids: list
+    validation_ids: list
+    fit_features: np.ndarray | None = None
+    validation_features: np.ndarray | None = None
+    reason: str = ""
+    record: dict = field(default_factory=dict)
+
+
+def check_request(epochs: int, validation: float = VALIDATION,
+                  minutes: float | None = None) -> None:
+    """Refuse a fine-tune, before anything is touched, for bad ``epochs``, ``validation``
+    or ``minutes``, or where torch is missing."""
     check_epochs(epochs)
+    checks.between("validation", validation, 0.0, MAX_VALIDATION)
+    if minutes is not None:
+        checks.between("tune_minutes", minutes, 0.0, MAX_MINUTES, low_included=False)
     if importlib.util.find_spec("torch") is None:
         raise checks.ParameterError(
             "fine_tune needs torch, which this Python lacks (pip install 'imgsim[export]'); "
@@ -84,45 +112,94 @@ def augmented_view(image: Image.Image, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(view)
 
 
+def validation_split(labels: np.ndarray, share: float, rng: np.random.Generator):
+    """Positions held in and held out: ``share`` of each category (at least one, never
+    all of it), drawn at random."""
+    held_out = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if share > 0 and len(members) > 1:
+            size = min(len(members) - 1, max(1, round(share * len(members))))
+            held_out += rng.choice(members, size, replace=False).tolist()
+    held_out = sorted(held_out)
+    return sorted(set(range(len(labels))) - set(held_out)), held_out
+
+
 def fine_tune_backbone(store, train_ids, categories, backbone: str = backbones.DEFAULT_BACKBONE,
                        weights=None, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
-                       progress: bool = True) -> str:
-    """Tune ``backbone`` on the images ``train_ids`` (labelled ``categories``); store the
-    tuned graph in the models table and return its feature key."""
+                       progress: bool = True, validation: float = VALIDATION,
+                       minutes: float | None = None) -> Tuning:
+    """Tune ``backbone`` on the images ``train_ids`` (labelled ``categories``), holding
+    out ``validation`` of them to stop early and keep the best epoch, within ``minutes``
+    when given. Stores nothing: train_classifier decides whether the tuning is kept."""
     import torch
 
-    check_epochs(epochs)
+    begun = time.monotonic()
+    check_request(epochs, validation, minutes)
+    deadline = begun + 60 * minutes if minutes is not None else None
     classes = sorted(set(categories))
     labels = np.array([classes.index(c) for c in categories], dtype=np.int64)
-    module = backbones.build_module(backbone, weights)
     rng = np.random.default_rng([seed, 2])
+    fit, held_out = validation_split(labels, validation, np.random.default_rng([seed, 3]))
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory(prefix="imgsim-tune-") as tmp:
-        outputs, kept = _trunk_outputs(store, module, backbone, list(train_ids), rng,
-                                       os.path.join(tmp, "trunk.npy"), progress)
-        _train_top(module, outputs, labels[kept], len(classes),
-                   backbones.get_spec(backbone).dim, epochs, rng, progress)
-        del outputs
-    graph = backbones.module_to_onnx(module.eval(), backbone)
-    key = f"{backbone}-{backbones.INPUT_SIZE}-tuned@{hashlib.sha256(graph).hexdigest()[:12]}"
-    with store.transaction():
-        store.save_model(key, "backbone", graph, {
-            **graph_metadata(backbone), "tuned_from": feature_key(backbone, weights),
-            "epochs": epochs, "views": VIEWS, "view_size": TRAIN_SIZE, "seed": seed,
-            "train_images": int(len(kept)), "classes": classes})
-    return key
-
-
-def _trunk_outputs(store, module, backbone, ids, rng, path, progress):
-    """Run the frozen trunk (ONNX Runtime) on ``VIEWS`` augmented views of each image.
-
-    Returns a memory-mapped ``(images, VIEWS, C, H, W)`` float16 array and the positions
-    in ``ids`` of the images that decoded."""
+    module = backbones.build_module(backbone, weights)
     trunk = Featurizer(backbones.module_to_onnx(module, backbone, part="trunk",
                                                 size=TRAIN_SIZE))
-    outputs, kept = None, []
-    bar = tqdm(total=len(ids), desc="fine-tune: views", unit="img", disable=not progress)
+    ids = [train_ids[p] for p in fit]
+    validation_ids = [train_ids[p] for p in held_out]
+    record = {"validation_images": len(validation_ids), "epochs_run": 0}
+    with tempfile.TemporaryDirectory(prefix="imgsim-tune-") as tmp:
+        made = _trunk_outputs(store, trunk, ids, rng, tmp, "fit", VIEWS, progress, deadline)
+        checked = (_trunk_outputs(store, trunk, validation_ids, rng, tmp, "validation", 0,
+                                  progress, deadline) if validation_ids and made else None)
+        if made is None or (validation_ids and checked is None):
+            return Tuning(None, None, {}, ids, validation_ids,
+                          reason="the time budget ran out while making the views",
+                          record=record)
+        outputs, centres, kept = made
+        fit_labels = labels[fit][kept]
+        fit_ids = [ids[p] for p in kept]
+        if checked is not None:
+            validation_ids = [validation_ids[p] for p in checked[2]]
+            checked = (checked[1], labels[held_out][checked[2]])
+        planned = epochs
+        if deadline is not None:
+            per_epoch = _seconds_per_epoch(module, backbone, outputs, fit_labels, len(classes))
+            planned = min(epochs, int((deadline - time.monotonic()) // per_epoch))
+            if planned < 1:
+                return Tuning(None, None, {}, fit_ids, validation_ids,
+                              reason=f"the time budget leaves no room for an epoch "
+                                     f"(~{per_epoch:.0f} s each)", record=record)
+        record.update(_train_top(module, outputs, fit_labels, len(classes),
+                                 backbones.get_spec(backbone).dim, planned, rng, progress,
+                                 checked, deadline))
+        fit_features = _pooled(module, centres)
+        validation_features = _pooled(module, checked[0]) if checked is not None else None
+        del outputs, centres, checked
+    graph = backbones.module_to_onnx(module.eval(), backbone)
+    key = f"{backbone}-{backbones.INPUT_SIZE}-tuned@{hashlib.sha256(graph).hexdigest()[:12]}"
+    record["seconds"] = round(time.monotonic() - begun, 1)
+    metadata = {**graph_metadata(backbone), "tuned_from": feature_key(backbone, weights),
+                "epochs": epochs, "views": VIEWS, "view_size": TRAIN_SIZE, "seed": seed,
+                "train_images": len(fit_ids), "classes": classes, **record}
+    return Tuning(graph, key, metadata, fit_ids, validation_ids, fit_features,
+                  validation_features, record=record)
+
+
+def _trunk_outputs(store, trunk, ids, rng, folder, name, views, progress, deadline):
+    """Run the frozen trunk (ONNX Runtime) on ``views`` augmented views and the centre
+    view of each image.
+
+    Returns memory-mapped float16 arrays ``(images, views, C, H, W)`` (None when
+    ``views`` is 0) and ``(images, C, H, W)``, and the positions in ``ids`` of the
+    images that decoded; None when ``deadline`` passed first."""
+    augmented, centres, kept = None, None, []
+    bar = tqdm(total=len(ids), desc=f"fine-tune: {name} views", unit="img",
+               disable=not progress)
     for start in range(0, len(ids), BATCH):
+        if deadline is not None and time.monotonic() > deadline:
+            bar.close()
+            return None
         chunk = ids[start:start + BATCH]
         data = store.image_data(chunk)
         images = []
@@ -132,46 +209,128 @@ def _trunk_outputs(store, module, backbone, ids, rng, path, progress):
             except ImageError:
                 continue  # recorded by featurize; such images never reach the split
         if images:
-            views = np.stack([trunk.run(np.stack([augmented_view(im, rng) for _, im in images]))
-                              for _ in range(VIEWS)], axis=1).astype(np.float16)
-            if outputs is None:
-                outputs = np.lib.format.open_memmap(path, "w+", np.float16,
-                                                    (len(ids), *views.shape[1:]))
-            outputs[len(kept):len(kept) + len(images)] = views
+            centre = trunk.run(np.stack([np.asarray(center_square(im, TRAIN_SIZE))
+                                         for _, im in images])).astype(np.float16)
+            if centres is None:
+                centres = np.lib.format.open_memmap(os.path.join(folder, f"{name}-c.npy"),
+                                                    "w+", np.float16,
+                                                    (len(ids), *centre.shape[1:]))
+            centres[len(kept):len(kept) + len(images)] = centre
+            if views:
+                batch = np.stack([trunk.run(np.stack([augmented_view(im, rng)
+                                                      for _, im in images]))
+                                  for _ in range(views)], axis=1).astype(np.float16)
+                if augmented is None:
+                    augmented = np.lib.format.open_memmap(
+                        os.path.join(folder, f"{name}-v.npy"), "w+", np.float16,
+                        (len(ids), *batch.shape[1:]))
+                augmented[len(kept):len(kept) + len(images)] = batch
             kept += [position for position, _ in images]
         bar.update(len(chunk))
     bar.close()
     if not kept:
-        raise ValueError("no training image could be decoded")
-    return outputs[:len(kept)], np.array(kept)
+        raise ValueError(f"no {name} image could be decoded")
+    return (augmented[:len(kept)] if views else None), centres[:len(kept)], np.array(kept)
 
 
-def _train_top(module, outputs, labels, n_classes, dim, epochs, rng, progress):
-    """Train the backbone's top stages and a new linear head on trunk outputs, in place."""
+def _setup(module, dim, n_classes, epochs, steps_per_epoch):
+    """The new head, the tuned stages and their optimiser and schedule."""
     import torch
     from torch import nn
 
     head = nn.Sequential(nn.Dropout(0.2), nn.Linear(dim, n_classes))
-    tuned = nn.ModuleList(module.top_modules())
+    tuned = nn.ModuleList(module.top_modules()).to(memory_format=torch.channels_last)
     peak = [1e-3, 1e-2]
     optimiser = torch.optim.AdamW([{"params": tuned.parameters(), "lr": peak[0]},
                                    {"params": head.parameters(), "lr": peak[1]}],
                                   weight_decay=1e-4)
-    steps_per_epoch = -(-len(labels) // BATCH)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=peak, total_steps=epochs * steps_per_epoch, pct_start=0.15)
-    loss_of = nn.CrossEntropyLoss(label_smoothing=0.1)
+    return head, tuned, optimiser, schedule
+
+
+def _step(module, head, optimiser, schedule, loss_of, x, y):
+    import torch
+
+    x = torch.from_numpy(x.astype(np.float32)).contiguous(memory_format=torch.channels_last)
+    loss = loss_of(head(module.top(x)), torch.from_numpy(y))
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    schedule.step()
+
+
+def _seconds_per_epoch(module, backbone, outputs, labels, n_classes) -> float:
+    """An epoch's seconds, timed on two steps of a throwaway copy of the module."""
+    from torch import nn
+
+    probe = copy.deepcopy(module)
+    steps = -(-len(labels) // BATCH)
+    head, tuned, optimiser, schedule = _setup(probe, backbones.get_spec(backbone).dim,
+                                              n_classes, 1, 3)
+    loss_of = nn.CrossEntropyLoss()
     tuned.train()
-    head.train()
-    for _ in tqdm(range(epochs), desc="fine-tune: epochs", unit="epoch", disable=not progress):
+    rows = np.arange(min(BATCH, len(labels)))
+    timings = []
+    for _ in range(3):
+        begun = time.monotonic()
+        _step(probe, head, optimiser, schedule, loss_of, outputs[rows, 0], labels[rows])
+        timings.append(time.monotonic() - begun)
+    return steps * min(timings[1:]) * 1.1  # and the validation pass
+
+
+def _train_top(module, outputs, labels, n_classes, dim, epochs, rng, progress, checked,
+               deadline) -> dict:
+    """Train the backbone's top stages and a new linear head on trunk outputs, in place.
+
+    With ``checked`` (validation centre outputs and labels) the epoch with the best
+    validation accuracy is kept and training stops after ``PATIENCE`` epochs without a
+    better one; it stops too once ``deadline`` has passed. Returns what happened."""
+    import torch
+    from torch import nn
+
+    steps_per_epoch = -(-len(labels) // BATCH)
+    head, tuned, optimiser, schedule = _setup(module, dim, n_classes, epochs, steps_per_epoch)
+    loss_of = nn.CrossEntropyLoss(label_smoothing=0.1)
+    best, history = None, []
+    for epoch in tqdm(range(1, epochs + 1), desc="fine-tune: epochs", unit="epoch",
+                      disable=not progress):
+        tuned.train()
+        head.train()
         order = rng.permutation(len(labels))
         views = rng.integers(0, outputs.shape[1], len(labels))
         for start in range(0, len(order), BATCH):
-            rows = order[start:start + BATCH]
-            x = torch.from_numpy(outputs[rows, views[rows]].astype(np.float32))
-            loss = loss_of(head(module.top(x)), torch.from_numpy(labels[rows]))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+            rows = np.sort(order[start:start + BATCH])
+            _step(module, head, optimiser, schedule, loss_of, outputs[rows, views[rows]],
+                  labels[rows])
+        if checked is not None:
+            tuned.eval()
+            head.eval()
+            with torch.no_grad():
+                logits = torch.cat([head(module.top(torch.from_numpy(
+                    checked[0][s:s + BATCH].astype(np.float32))))
+                    for s in range(0, len(checked[1]), BATCH)])
+            accuracy = float((logits.argmax(1).numpy() == checked[1]).mean())
+            history.append(round(accuracy, 4))
+            if best is None or accuracy >= best[0]:  # a tie: the later, calmer epoch
+                best = (accuracy, epoch, copy.deepcopy(tuned.state_dict()))
+            elif epoch - best[1] >= PATIENCE and 2 * epoch >= epochs:
+                break  # not while the learning rate is still high
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    if best is not None:
+        tuned.load_state_dict(best[2])
+    tuned.to(memory_format=torch.contiguous_format)
     module.eval()
+    return {"epochs_run": epoch, "best_epoch": best[1] if best else epoch,
+            "validation_history": history}
+
+
+def _pooled(module, centres) -> np.ndarray:
+    """The tuned backbone's features of trunk outputs, batch by batch."""
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([module.top(torch.from_numpy(
+            centres[s:s + BATCH].astype(np.float32))).numpy()
+            for s in range(0, len(centres), BATCH)]).astype(np.float32)

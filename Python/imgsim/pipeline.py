@@ -8,7 +8,7 @@ from .backbones import DEFAULT_BACKBONE, SPECS
 from .backbones import weights_path as backbones_weights_path
 from .evaluate import DEFAULT_KS, check_chart_path, evaluate_model
 from .featurize import featurize_images, features_in_use
-from .finetune import DEFAULT_EPOCHS, check_request
+from .finetune import DEFAULT_EPOCHS, VALIDATION, check_request
 from .prepare import DEFAULT_SEED, prepare_data
 from .rank import SPACES, check_k, rank_candidates
 from .runs import stepwise
@@ -27,9 +27,12 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
                          epochs: int = DEFAULT_EPOCHS, chart_path=None,
                          progress: bool = True, replace: bool = False,
                          keep_conflicts: bool = False, workers: int | None = None,
-                         ray_address: str | None = None, cpus_per_actor: int = 1) -> dict:
+                         ray_address: str | None = None, cpus_per_actor: int = 1,
+                         validation: float = VALIDATION,
+                         tune_minutes: float | None = None) -> dict:
     """Sync (when ``image_folder`` is given), featurize, prepare, train (fine-tuning the
-    backbone first when ``fine_tune``), evaluate, rank.
+    backbone first when ``fine_tune``: see :func:`imgsim.train_classifier` for
+    ``epochs``, ``validation`` and ``tune_minutes``), evaluate, rank.
 
     Every parameter is checked before any step runs; the steps run under one lock, so
     no other run's step comes between them, and each step's results are kept (committed,
@@ -50,7 +53,7 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
     if workers is not None:
         checks.count("workers", workers, 1)
     if fine_tune:
-        check_request(epochs)
+        check_request(epochs, validation, tune_minutes)
     if ray_address is not None:
         from .compute import ray_featurize
 
@@ -77,7 +80,8 @@ def run_image_similarity(store, image_folder=None, backbone: str = DEFAULT_BACKB
             max_neg_imgs_per_query_img, seed, keep_conflicts)
         yield
         results["train_classifier"] = yield from train_classifier.stretches(
-            store, backbone, weights, kind, seed, fine_tune, epochs, progress)
+            store, backbone, weights, kind, seed, fine_tune, epochs, progress, validation,
+            tune_minutes)
         yield
         # evaluate and rank use the features the classifier was just trained on
         results["evaluate_model"] = yield from evaluate_model.stretches(

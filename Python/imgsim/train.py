@@ -109,19 +109,27 @@ class Classifier:
 @stepwise
 def train_classifier(store, backbone: str | None = None, weights=None,
                      kind: str = "mlp", seed: int = DEFAULT_SEED, fine_tune: bool = False,
-                     epochs: int = finetune.DEFAULT_EPOCHS, progress: bool = False) -> dict:
+                     epochs: int = finetune.DEFAULT_EPOCHS, progress: bool = False,
+                     validation: float = finetune.VALIDATION,
+                     tune_minutes: float | None = None) -> dict:
     """Fit on training_images, store the model as ONNX, score every image.
 
     ``backbone`` (and ``weights``) default to those the current split was made from.
-    ``fine_tune`` first tunes the backbone's last stages for ``epochs`` epochs on the
-    training images (needs torch; a few minutes on two cores for 1,300 images) and
-    trains on the tuned backbone's features.
+    ``fine_tune`` first tunes the backbone's last stages for at most ``epochs`` epochs
+    on the training images (needs torch; a few minutes on two cores for 1,300 images),
+    within ``tune_minutes`` when given. ``validation`` of each category's training
+    images are held out of the tuning: the best epoch on them is kept, and the tuned
+    backbone is used only when a classifier on its features beats one on the frozen
+    backbone's there (0: nothing held out, the tuned backbone always used). The
+    classifier is then fitted on all the training images.
 
     Returns
     -------
     dict with ``model`` (its name in the models table, unique to this training run),
     ``feature_key`` (the features it was trained on), ``prepare_run`` (the split it was
-    trained on), ``train_accuracy``, ``test_accuracy``, ``classes``, ``scored``.
+    trained on), ``train_accuracy``, ``test_accuracy``, ``classes``, ``scored``; with
+    ``fine_tune``, ``fine_tune`` too: which backbone was kept and why, the validation
+    accuracies, the epochs run and the best one, the seconds.
 
     Example
     -------
@@ -131,7 +139,7 @@ def train_classifier(store, backbone: str | None = None, weights=None,
     checks.choice("kind", kind, KINDS)
     seed = checks.seed("seed", seed)
     if fine_tune:
-        finetune.check_request(epochs)
+        finetune.check_request(epochs, validation, tune_minutes)
     split = lineage.current_split(store)
     if backbone is None:  # the split's features, by their key: no file is read again
         backbone, weights, key = (split[1]["backbone"], split[1].get("weights"),
@@ -142,7 +150,9 @@ def train_classifier(store, backbone: str | None = None, weights=None,
         key = feature_key(backbone, weights)
     params = {"backbone": backbone, "weights": str(weights) if weights else None,
               "feature_key": key, "kind": kind, "fine_tune": bool(fine_tune),
-              "epochs": epochs if fine_tune else None}
+              "epochs": epochs if fine_tune else None,
+              "validation": validation if fine_tune else None,
+              "tune_minutes": tune_minutes if fine_tune else None}
     with store.lock(), recorded(store, "train_classifier", params, seed) as run:
         yield
         split = lineage.current_split(store)
@@ -154,10 +164,17 @@ def train_classifier(store, backbone: str | None = None, weights=None,
             train_categories = [category_of[i] for i in train_ids]
             if len(set(train_categories)) < 2:
                 raise ValueError("the training images cover fewer than 2 categories")
-            key = finetune.fine_tune_backbone(store, train_ids, train_categories, backbone,
-                                              weights, epochs, seed, progress)
-            yield
-            yield from featurize_images.stretches(store, model=key, progress=progress)
+            tuning = finetune.fine_tune_backbone(store, train_ids, train_categories, backbone,
+                                                 weights, epochs, seed, progress, validation,
+                                                 tune_minutes)
+            tuned = _judge(tuning, store.feature_matrix(key), kind, seed)
+            if tuned["kept"] == "tuned":
+                with store.transaction():
+                    store.save_model(tuning.key, "backbone", tuning.graph,
+                                     {**tuning.metadata, **tuned})
+                key = tuning.key
+                yield
+                yield from featurize_images.stretches(store, model=key, progress=progress)
         ids, categories, matrix = store.feature_matrix(key)
         row_of = {i: n for n, i in enumerate(ids.tolist())}
         missing = [i for i in train_ids + test_ids if i not in row_of]
@@ -193,10 +210,35 @@ def train_classifier(store, backbone: str | None = None, weights=None,
             run.succeed(model=name, feature_key=key, prepare_run=split[0],
                         split_digest=split[2]["split_digest"], train_accuracy=train_acc,
                         test_accuracy=test_acc, classes=len(classes), scored=scored,
-                        train_images=len(train_rows), test_images=len(test_rows))
+                        train_images=len(train_rows), test_images=len(test_rows),
+                        **({"fine_tune": tuned} if fine_tune else {}))
     return {"model": name, "feature_key": key, "prepare_run": split[0],
             "train_accuracy": train_acc, "test_accuracy": test_acc, "classes": classes,
-            "scored": scored}
+            "scored": scored, **({"fine_tune": tuned} if fine_tune else {})}
+
+
+def _judge(tuning, frozen, kind: str, seed: int) -> dict:
+    """Keep the tuned backbone or the frozen one: a classifier of ``kind`` fitted on the
+    held-in training images' features of each, scored on the held-out ones."""
+    record = {**tuning.record, "kept": "frozen", "reason": tuning.reason}
+    if tuning.graph is None:
+        return record
+    if not tuning.validation_ids:
+        return {**record, "kept": "tuned", "reason": "nothing held out to judge it on"}
+    ids, categories, matrix = frozen
+    row_of = {i: n for n, i in enumerate(ids.tolist())}
+    labels = np.array(categories, dtype=object).astype(str)
+    held_in = [row_of[i] for i in tuning.fit_ids]
+    held_out = [row_of[i] for i in tuning.validation_ids]
+    accuracy = {}
+    for name, fit_x, held_x in (("frozen", matrix[held_in], matrix[held_out]),
+                                ("tuned", tuning.fit_features, tuning.validation_features)):
+        pipeline = fit(make_classifier(kind, seed), fit_x, labels[held_in])
+        accuracy[name] = round(float(np.mean(pipeline.predict(held_x) == labels[held_out])), 4)
+    better = accuracy["tuned"] > accuracy["frozen"]
+    return {**record, "kept": "tuned" if better else "frozen", "validation_accuracy": accuracy,
+            "reason": (f"held-out accuracy {accuracy['tuned']:.1%} tuned against "
+                       f"{accuracy['frozen']:.1%} frozen")}
 
 
 def _score_all(store, name: str, graph: bytes, metadata: dict) -> int:
