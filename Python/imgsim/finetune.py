@@ -28,15 +28,15 @@ head are trained on the training images only (the test images never reach it):
    graph>``), so featurize_images, the scheduled refresh and similar_images use it like
    any other, in the database too, without torch.
 
-Measured on the reference set (efficientnet_lite0, mlp, seed 0, 2 cores): six 288 px views
-and 12 epochs took 385 s (302 s of them training the top stages), test accuracy 89.0%,
-cosine top-1 65.9% (the defaults; five seeds in bench/RESULTS.md: 88.9% and 65.9%).
-Cheaper settings tried: three 224 px views and 12 epochs 242 s, and on seed 0 the same
-figures, but over five seeds 87.8% and 63.5% (top-32 96.4%); three 224 px views and 8
-epochs 174 s, over five seeds 87.6% and 61.0%. Neither kept: they trade accuracy for time.
-Tuning only the last stage was 3x faster but 11 points worse at top-1
-(one seed); tuning three stages was 2x slower and no better (one seed); mirrored test-time
-views gave no consistent gain (two seeds).
+Measured on the reference set (efficientnet_lite0, mlp, 2 cores, five seeds,
+bench/RESULTS.md): 276 s a seed, test accuracy 88.0%, cosine top-1 65.0% (before the
+held-out images and the channels-last layout: 385 s, 88.9% and 65.9%). Cheaper settings
+tried: three 224 px views and 12 epochs, five seeds: 242 s, 87.8% and 63.5%; the same with 8
+epochs: 174 s, 87.6% and 61.0%; crops of at least 50% or 70% of the area (seed 0): 211 s,
+88.1% / 62.3% and 87.9% / 64.5%. Not kept: they trade accuracy for time. Tuning only the
+last stage was 3x faster but 11 points worse at top-1 (one seed); tuning three stages was 2x
+slower and no better (one seed); mirrored test-time views gave no consistent gain (two
+seeds); bfloat16 autocast and batches of 64 trained no faster than float32 batches of 32.
 Torch is needed (the ``export`` extra); the database server does not have it, so
 fine-tuning runs from a client against the database's store.
 """
