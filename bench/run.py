@@ -189,7 +189,8 @@ def accuracy_section(args) -> list[str]:
              "Each seed draws its own split and evaluation set; the template's evaluation "
              "(220 queries, 1 positive and 100 negatives each). Template: ResNet18 features, "
              "rx_neural_network, one run. Spaces: combined (imgsim's default: scores, the "
-             "features breaking near-ties), scores alone (the template's), features alone. "
+             "features breaking near-ties, near copies first), scores alone (the "
+             "template's), features alone. "
              "Copies: four edited copies of each query (cropped, mirrored, recoloured, "
              "halved) ranked among all 1,712 images by their distance to the query.", "",
              "| figure | default: combined, cosine | default: scores, cosine | default: "

@@ -185,3 +185,33 @@ def server_folder(texture_folder):
     subprocess.run(["chmod", "-R", "o+rX", str(folder)], check=True)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_combined_search(store, monkeypatch) -> None:
+    """rank.nearest in the combined space answers the rows of a full ranking, near copies
+    first (one the classifier scores as another class too); with pgvector it reads the
+    features of part of the collection only."""
+    from imgsim import rank
+    from imgsim.featurize import features_in_use
+
+    key = features_in_use(store)
+    ids, categories, matrix, width = rank.space_vectors(store, "combined", key)
+    read = []
+    real = store.feature_matrix
+    monkeypatch.setattr(store, "feature_matrix", lambda k, wanted=None: read.append(
+        len(ids) if wanted is None else len(wanted)) or real(k, wanted))
+    other = (int(np.argmax(matrix[0, :width])) + 1) % width  # image 0, scored as another class
+    copy = np.concatenate([np.eye(width, dtype=np.float32)[other], matrix[0, width:]])
+    queries = [(matrix[row], int(ids[row])) for row in (0, 7, 21)] + [(copy, -1)]
+    for vector, exclude in queries:
+        for k, category in ((1, None), (5, None), (30, None), (4, categories[7])):
+            read.clear()
+            got = rank.nearest(store, vector, k, "combined", key, category, exclude=exclude)
+            keep = (ids != exclude) & np.array([category in (None, c) for c in categories])
+            idx, dist = rank.top_k_cosine(vector[None], matrix[keep], k, scores_dim=width)
+            assert [g[0] for g in got] == ids[keep][idx[0]].tolist()
+            assert [g[3] for g in got] == pytest.approx(dist[0].tolist(), abs=1e-5)
+            if store.has_vectors() and k <= 5:  # a few nearest: part of the features
+                assert sum(read) < len(ids)
+    assert [r[0] for r in rank.nearest(store, copy, 1, "combined", key)] == [ids[0]]
+    assert rank.nearest(store, copy[:width], 1, "scores", key)[0][0] != ids[0]

@@ -371,6 +371,15 @@ def test_stored_feature_rankings_are_exact_and_the_index_serves_queries(indb):
     store.close()
 
 
+def test_combined_search_takes_near_copies_from_the_index(indb, monkeypatch):
+    from conftest import check_combined_search
+
+    store = SQLAlchemyStore(indb)
+    assert store.has_vectors()
+    check_combined_search(store, monkeypatch)
+    store.close()
+
+
 def test_similar_images_in_feature_space_through_the_index(indb, server_folder):
     image = (server_folder / "leopard" / "leopard_004.jpg").read_bytes()
     rows = psycopg.connect(indb).execute(

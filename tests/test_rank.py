@@ -70,16 +70,18 @@ def test_similar_to_a_stored_image_and_filters(pipeline_store):
 
 
 def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
-    """Combined distance = (d_scores + w d_features) / (1 + w): where the classifier scores
-    images alike (ties in score space), the features order them."""
+    """Combined distance = (d_scores + w d_features) / (1 + w), without d_scores for near
+    copies (d_features < NEAR_COPY): where the classifier scores images alike (ties in
+    score space), the features order them."""
     from imgsim.featurize import features_in_use
-    from imgsim.rank import FEATURE_WEIGHT, similar_to, unit_rows
+    from imgsim.rank import FEATURE_WEIGHT, NEAR_COPY, similar_to, unit_rows
 
     ids, _, _, scores = pipeline_store.score_matrix()
     _, _, features = pipeline_store.feature_matrix(features_in_use(pipeline_store), ids)
     d_scores = 1 - unit_rows(scores) @ unit_rows(scores)[0]
     d_features = 1 - unit_rows(features) @ unit_rows(features)[0]
-    expected = (d_scores + FEATURE_WEIGHT * d_features) / (1 + FEATURE_WEIGHT)
+    expected = (np.where(d_features < NEAR_COPY, 0, d_scores)
+                + FEATURE_WEIGHT * d_features) / (1 + FEATURE_WEIGHT)
     order = [n for n in np.argsort(expected, kind="stable") if n != 0][:8]
     rows = similar_to(pipeline_store, int(ids[0]), k=8)
     assert [r[0] for r in rows] == ids[order].tolist()
@@ -89,26 +91,29 @@ def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
     assert len({round(r[3], 4) for r in tied}) < len({round(r[3], 4) for r in rows}) == 8
 
 
-def test_combined_search_reads_only_the_features_that_can_be_nearest(pipeline_store,
-                                                                     monkeypatch):
-    """The same rows as comparing every image, reading fewer images' features."""
-    from imgsim import rank
-    from imgsim.featurize import features_in_use
+def test_near_copies_come_first_even_where_the_classifier_scores_them_apart():
+    from imgsim.evaluate import pair_distances
+    from imgsim.rank import FEATURE_WEIGHT as w, combined
 
-    key = features_in_use(pipeline_store)
-    ids, categories, matrix = rank.space_vectors(pipeline_store, "combined", key)
-    read = []
-    real = pipeline_store.feature_matrix
-    monkeypatch.setattr(pipeline_store, "feature_matrix",
-                        lambda k, wanted=None: read.append(len(wanted)) or real(k, wanted))
-    for row in (0, 7, 21):
-        for k, category in ((1, None), (5, None), (30, None), (4, categories[row])):
-            read.clear()
-            got = rank.nearest(pipeline_store, matrix[row], k, "combined", key, category,
-                               exclude=int(ids[row]))
-            keep = (ids != ids[row]) & np.array([category in (None, c) for c in categories])
-            idx, dist = top_k_cosine(matrix[row][None], matrix[keep], k)
-            assert [g[0] for g in got] == ids[keep][idx[0]].tolist()
-            assert [g[3] for g in got] == pytest.approx(dist[0].tolist(), abs=1e-5)
-            if k <= 5:  # a few nearest: the features of part of the collection
-                assert sum(read) < len(ids)
+    scores = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    features = np.array([[1.0, 0.0, 0.0],
+                         [1.0, 0.8, 0.0],    # scored alike, features 0.22 apart
+                         [1.0, 0.1, 0.3],    # scored apart, features 0.05 apart: a copy
+                         [0.0, 0.0, 1.0]])   # scored apart, features 1 apart
+    matrix = combined(scores, features)
+    d_features = 1 - (features / np.linalg.norm(features, axis=1, keepdims=True)) @ [1, 0, 0]
+    index, distances = top_k_cosine(matrix[:1], matrix[1:], 3, scores_dim=2)
+    assert index.tolist() == [[1, 0, 2]]  # the copy first, then the same-scored image
+    want = [w * d_features[2], w * d_features[1], 1 + w * d_features[3]]
+    assert distances[0] == pytest.approx(np.array(want) / (1 + w), abs=1e-6)
+    assert distances[0] == pytest.approx(pair_distances(
+        np.repeat(matrix[:1], 3, axis=0), matrix[[2, 1, 3]], "cosine", scores_dim=2), abs=1e-6)
+    plain, _ = top_k_cosine(matrix[:1], matrix[1:], 3)  # one cosine: the copy comes second
+    assert plain.tolist() == [[0, 1, 2]]
+
+
+def test_combined_search_finds_near_copies_and_matches_a_full_ranking(pipeline_store,
+                                                                      monkeypatch):
+    from conftest import check_combined_search
+
+    check_combined_search(pipeline_store, monkeypatch)

@@ -101,8 +101,8 @@ def _evaluate_args(p):
                    help="k values of top-k accuracy (default: %(default)s)")
     p.add_argument("--space", choices=SPACES, default="combined",
                    help="vectors compared: classifier scores with the features breaking "
-                        "near-ties, the scores alone (the template's), or backbone features "
-                        "(default: %(default)s)")
+                        "near-ties and near copies first, the scores alone (the template's), "
+                        "or backbone features (default: %(default)s)")
     p.add_argument("--chart", help="also write the ranking chart to this PNG file")
 
 

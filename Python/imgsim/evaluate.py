@@ -37,14 +37,22 @@ def distances_in(space: str) -> tuple[str, ...]:
     return ("cosine",) if space == "combined" else DISTANCES
 
 
-def pair_distances(a: np.ndarray, b: np.ndarray, distance: str) -> np.ndarray:
-    """Row-wise distance between ``a[i]`` and ``b[i]`` (``'l2'`` or ``'cosine'``)."""
+def pair_distances(a: np.ndarray, b: np.ndarray, distance: str,
+                   scores_dim: int | None = None) -> np.ndarray:
+    """Row-wise distance between ``a[i]`` and ``b[i]`` (``'l2'`` or ``'cosine'``); with
+    ``scores_dim``, the cosine distance of combined vectors (near copies first, see
+    :mod:`imgsim.rank`)."""
     checks.choice("distance", distance, DISTANCES)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if distance == "l2":
         return np.linalg.norm(a - b, axis=1)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return 1.0 - np.einsum("ij,ij->i", a, b) / np.where(norms == 0, 1.0, norms)
+    norms = np.where(norms == 0, 1.0, norms)
+    if scores_dim is None:
+        return 1.0 - np.einsum("ij,ij->i", a, b) / norms
+    s = scores_dim
+    return 1.0 - rank.near_copy_similarity(np.einsum("ij,ij->i", a[:, :s], b[:, :s]) / norms,
+                                           np.einsum("ij,ij->i", a[:, s:], b[:, s:]) / norms)
 
 
 def positive_ranks(query_ids, distances, is_positive) -> np.ndarray:
@@ -102,7 +110,7 @@ def query_ranks(store, space: str = "combined", feature_key: str | None = None,
     pairs = np.array(store.evaluation_pairs(), dtype=np.int64).reshape(-1, 3)
     if len(pairs) == 0:
         raise lineage.StaleInputs("evaluation_images is empty: run prepare first")
-    ids, _, matrix = space_vectors(store, space, feature_key)
+    ids, _, matrix, scores_dim = space_vectors(store, space, feature_key)
     row_of = {i: n for n, i in enumerate(ids.tolist())}
     missing = {int(i) for i in np.unique(pairs[:, :2]) if int(i) not in row_of}
     if missing:
@@ -115,7 +123,8 @@ def query_ranks(store, space: str = "combined", feature_key: str | None = None,
     distances = np.empty(len(pairs))
     for start in range(0, len(pairs), PAIR_CHUNK):  # not every pair's two vectors at once
         part = slice(start, start + PAIR_CHUNK)
-        distances[part] = pair_distances(matrix[first[part]], matrix[second[part]], distance)
+        distances[part] = pair_distances(matrix[first[part]], matrix[second[part]], distance,
+                                         scores_dim)
     ranks = positive_ranks(pairs[:, 0], distances, pairs[:, 2])
     positives = pairs[pairs[:, 2] == 1]
     order = np.argsort(positives[:, 0], kind="stable")
@@ -154,7 +163,7 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
     query (ties count against the copy). The copies are featurized and scored with the
     current classifier's graphs."""
     queries = sorted({q for q, _, _ in store.evaluation_pairs()})
-    ids, _, matrix = space_vectors(store, space, feature_key)
+    ids, _, matrix, scores_dim = space_vectors(store, space, feature_key)
     content = {i: sha for i, _, _, sha in store.image_info()}
     shas = np.array([content[i] for i in ids.tolist()])
     row_of = {i: n for n, i in enumerate(ids.tolist())}
@@ -170,15 +179,28 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
         copied = np.array([rank.query(store, copy, space).vector
                            for copy in edited_copies(data[query], budget)], np.float32)
         products = matrix @ matrix[row]
-        to_all = {"cosine": 1.0 - products / (norms * norms[row]),
+        unit = matrix[row] / norms[row]
+        to_all = {"cosine": _cosine_to(matrix, norms, unit, scores_dim),
                   "l2": np.sqrt(np.maximum(squares + squares[row] - 2 * products, 0))}
-        to_copies = {"cosine": 1.0 - rank.unit_rows(copied) @ (matrix[row] / norms[row]),
+        to_copies = {"cosine": _cosine_to(copied, np.linalg.norm(copied, axis=1), unit,
+                                          scores_dim),
                      "l2": np.sqrt(np.maximum(np.einsum("ij,ij->i", copied, copied)
                                               + squares[row] - 2 * copied @ matrix[row], 0))}
         for distance in ranks:
             competing = to_all[distance][others]
             ranks[distance] += [1 + int(np.sum(competing <= d)) for d in to_copies[distance]]
     return {d: np.array(r, dtype=np.int64) for d, r in ranks.items()}
+
+
+def _cosine_to(rows, norms, unit, scores_dim):
+    """Cosine distances of ``rows`` (their norms ``norms``) to the unit vector ``unit``;
+    with ``scores_dim``, of combined vectors (near copies first)."""
+    norms = np.where(norms == 0, 1.0, norms)
+    if scores_dim is None:
+        return 1.0 - rows @ unit / norms
+    s = scores_dim
+    return 1.0 - rank.near_copy_similarity(rows[:, :s] @ unit[:s] / norms,
+                                           rows[:, s:] @ unit[s:] / norms)
 
 
 @stepwise

@@ -100,7 +100,8 @@ class Options(BaseModel):
     k: int = Field(10, ge=1, le=rank.MAX_K, description="how many similar images")
     space: Literal[rank.SPACES] = Field(
         "combined", description="the vectors compared: the classifier's scores with the "
-        "features breaking near-ties, the scores alone, or the features")
+        "features breaking near-ties and near copies first, the scores alone, or the "
+        "features")
     category: str | None = Field(None, max_length=4096,
                                  description="only images of this category")
     max_distance: float | None = Field(None, ge=0, le=2,
