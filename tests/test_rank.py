@@ -70,18 +70,22 @@ def test_similar_to_a_stored_image_and_filters(pipeline_store):
 
 
 def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
-    """Combined distance = (d_scores + w d_features) / (1 + w), without d_scores for near
-    copies (d_features < NEAR_COPY): where the classifier scores images alike (ties in
-    score space), the features order them."""
+    """Combined distance = (d_scores + w d_features) / (1 + w); for near copies
+    (d_features < NEAR_COPY, or < NEAR_SAME_CATEGORY and one predicted category)
+    (NEAR_COPY / NEAR_SAME_CATEGORY) w d_features / (1 + w): where the classifier scores
+    images alike (ties in score space), the features order them."""
     from imgsim.featurize import features_in_use
-    from imgsim.rank import FEATURE_WEIGHT, NEAR_COPY, similar_to, unit_rows
+    from imgsim.rank import (FEATURE_WEIGHT as w, NEAR_COPY, NEAR_SAME_CATEGORY, similar_to,
+                             unit_rows)
 
     ids, _, _, scores = pipeline_store.score_matrix()
     _, _, features = pipeline_store.feature_matrix(features_in_use(pipeline_store), ids)
     d_scores = 1 - unit_rows(scores) @ unit_rows(scores)[0]
     d_features = 1 - unit_rows(features) @ unit_rows(features)[0]
-    expected = (np.where(d_features < NEAR_COPY, 0, d_scores)
-                + FEATURE_WEIGHT * d_features) / (1 + FEATURE_WEIGHT)
+    same = scores.argmax(axis=1) == scores[0].argmax()
+    near = (d_features < NEAR_COPY) | (same & (d_features < NEAR_SAME_CATEGORY))
+    expected = np.where(near, NEAR_COPY / NEAR_SAME_CATEGORY * w * d_features,
+                        d_scores + w * d_features) / (1 + w)
     order = [n for n in np.argsort(expected, kind="stable") if n != 0][:8]
     rows = similar_to(pipeline_store, int(ids[0]), k=8)
     assert [r[0] for r in rows] == ids[order].tolist()
@@ -93,7 +97,7 @@ def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
 
 def test_near_copies_come_first_even_where_the_classifier_scores_them_apart():
     from imgsim.evaluate import pair_distances
-    from imgsim.rank import FEATURE_WEIGHT as w, combined
+    from imgsim.rank import FEATURE_WEIGHT as w, NEAR_COPY, NEAR_SAME_CATEGORY, combined
 
     scores = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     features = np.array([[1.0, 0.0, 0.0],
@@ -104,12 +108,37 @@ def test_near_copies_come_first_even_where_the_classifier_scores_them_apart():
     d_features = 1 - (features / np.linalg.norm(features, axis=1, keepdims=True)) @ [1, 0, 0]
     index, distances = top_k_cosine(matrix[:1], matrix[1:], 3, scores_dim=2)
     assert index.tolist() == [[1, 0, 2]]  # the copy first, then the same-scored image
-    want = [w * d_features[2], w * d_features[1], 1 + w * d_features[3]]
+    half = NEAR_COPY / NEAR_SAME_CATEGORY
+    want = [half * w * d_features[2], w * d_features[1], 1 + w * d_features[3]]
     assert distances[0] == pytest.approx(np.array(want) / (1 + w), abs=1e-6)
     assert distances[0] == pytest.approx(pair_distances(
         np.repeat(matrix[:1], 3, axis=0), matrix[[2, 1, 3]], "cosine", scores_dim=2), abs=1e-6)
     plain, _ = top_k_cosine(matrix[:1], matrix[1:], 3)  # one cosine: the copy comes second
     assert plain.tolist() == [[0, 1, 2]]
+
+
+def test_a_copy_scored_less_surely_comes_first_within_its_predicted_category():
+    """Features within NEAR_SAME_CATEGORY make a near copy only where the classifier
+    predicts the query's category for it."""
+    from imgsim.evaluate import pair_distances
+    from imgsim.rank import FEATURE_WEIGHT as w, NEAR_COPY, NEAR_SAME_CATEGORY, combined
+
+    def at(distance):  # a unit feature vector at cosine distance ``distance`` from [1, 0]
+        return [1 - distance, np.sqrt(1 - (1 - distance) ** 2)]
+
+    scores = np.array([[1.0, 0.0], [0.6, 0.4], [1.0, 0.0], [0.4, 0.6]])
+    features = np.array([at(0), at(0.15), at(0.25), at(0.15)])
+    matrix = combined(scores, features)
+    index, distances = top_k_cosine(matrix[:1], matrix[1:], 3, scores_dim=2)
+    # the copy predicted the query's category first; then the surely scored image 0.25
+    # apart; the one predicted another category, as far in features as the copy, last
+    assert index.tolist() == [[0, 1, 2]]
+    d_scores = 1 - scores[3] @ scores[0] / np.linalg.norm(scores[3])
+    want = [NEAR_COPY / NEAR_SAME_CATEGORY * w * 0.15, w * 0.25, d_scores + w * 0.15]
+    assert distances[0] == pytest.approx(np.array(want) / (1 + w), abs=1e-6)
+    assert distances[0] == pytest.approx(pair_distances(
+        np.repeat(matrix[:1], 3, axis=0), matrix[1:], "cosine", scores_dim=2), abs=1e-6)
+    assert top_k_cosine(matrix[:1], matrix[1:], 3)[0].tolist() == [[1, 0, 2]]
 
 
 def test_combined_search_finds_near_copies_and_matches_a_full_ranking(pipeline_store,

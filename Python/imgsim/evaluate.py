@@ -52,7 +52,8 @@ def pair_distances(a: np.ndarray, b: np.ndarray, distance: str,
         return 1.0 - np.einsum("ij,ij->i", a, b) / norms
     s = scores_dim
     return 1.0 - rank.near_copy_similarity(np.einsum("ij,ij->i", a[:, :s], b[:, :s]) / norms,
-                                           np.einsum("ij,ij->i", a[:, s:], b[:, s:]) / norms)
+                                           np.einsum("ij,ij->i", a[:, s:], b[:, s:]) / norms,
+                                           rank.predicted(a, s) == rank.predicted(b, s))
 
 
 def positive_ranks(query_ids, distances, is_positive) -> np.ndarray:
@@ -200,7 +201,8 @@ def _cosine_to(rows, norms, unit, scores_dim):
         return 1.0 - rows @ unit / norms
     s = scores_dim
     return 1.0 - rank.near_copy_similarity(rows[:, :s] @ unit[:s] / norms,
-                                           rows[:, s:] @ unit[s:] / norms)
+                                           rows[:, s:] @ unit[s:] / norms,
+                                           rank.predicted(rows, s) == rank.predicted(unit, s))
 
 
 @stepwise

@@ -15,10 +15,12 @@ The ranking space is one of:
   among images the classifier scores alike (a confident classifier scores most of a
   category alike) the features decide, so the most similar come first instead of a tie
   broken by id. A *near copy*, an image whose features are within ``NEAR_COPY`` cosine
-  distance of the query's (the same picture cropped, mirrored, recoloured or resized), has
-  its score distance left out: ``w d_features / (1 + w)``, below any other image's
-  distance, so near copies come first, nearest first, even where the classifier scores
-  them apart.
+  distance of the query's (the same picture cropped, mirrored, recoloured or resized), or
+  within ``NEAR_SAME_CATEGORY`` where the classifier predicts one category for both (a
+  copy it scores less surely than the original), has its score distance left out:
+  ``(NEAR_COPY / NEAR_SAME_CATEGORY) w d_features / (1 + w)``, below any other image's
+  distance (at least ``w NEAR_COPY / (1 + w)``), so near copies come first, nearest first,
+  even where the classifier scores them apart.
 - ``scores``: the classifier's score vectors alone (the template's).
 - ``features``: the backbone features alone.
 """
@@ -51,8 +53,9 @@ FEATURE_WEIGHT = 0.1
 # mostly the halved copies (features at median 0.145) and the cropped ones (0.097). Measured
 # offline for a next step: a colour thumbnail (16 x 16, channel means removed) within 0.03,
 # or features within 0.2 when the classifier predicts one category for both: 95.9% (every
-# seed >= 95.6%), top-1 44.9% (never lower).
+# seed >= 95.6%), top-1 44.9% (never lower); the second rule alone: 84.9%, top-1 44.9%.
 NEAR_COPY = 0.1
+NEAR_SAME_CATEGORY = 0.2
 MAX_K = 1000
 MAX_QUERIES = 100_000
 MAX_RANKING_ROWS = 5_000_000  # a run's results; the results of the last KEEP_RANKINGS
@@ -128,27 +131,43 @@ def combined(scores: np.ndarray, features: np.ndarray) -> np.ndarray:
     return np.hstack([unit_rows(scores), np.sqrt(FEATURE_WEIGHT) * unit_rows(features)])
 
 
-def near_copy_similarity(by_scores, by_features):
+def near_copy_similarity(by_scores, by_features, same_category):
     """One minus the combined distance, from the products of the scores parts and of the
-    features parts of unit combined rows (each summed over 1 + w): near copies' score
-    distance left out."""
-    return np.where(_near(by_features), by_features + 1.0 / (1.0 + FEATURE_WEIGHT),
-                    by_scores + by_features)
+    features parts of unit combined rows (each summed over 1 + w) and whether the
+    classifier predicts one category for both: near copies' score distance left out."""
+    near = _near(by_features, same_category)
+    return np.where(near, _near_similarity(by_features), by_scores + by_features)
 
 
-def _near(by_features):
+def _near(by_features, same_category):
     """Which products of the features parts of unit combined rows are of near copies."""
-    return by_features > FEATURE_WEIGHT * (1.0 - NEAR_COPY) / (1.0 + FEATURE_WEIGHT)
+    w = FEATURE_WEIGHT
+    return ((by_features > w * (1.0 - NEAR_COPY) / (1.0 + w))
+            | (same_category & (by_features > w * (1.0 - NEAR_SAME_CATEGORY) / (1.0 + w))))
+
+
+def _near_similarity(by_features):
+    """One minus a near copy's distance, ``(NEAR_COPY / NEAR_SAME_CATEGORY) w d_f / (1 + w)``,
+    where ``by_features = w (1 - d_f) / (1 + w)``."""
+    w = FEATURE_WEIGHT
+    return np.float32(1.0) - np.float32(NEAR_COPY / NEAR_SAME_CATEGORY) * (
+        np.float32(w / (1.0 + w)) - by_features)
+
+
+def predicted(rows, scores_dim: int) -> np.ndarray:
+    """The category each combined row's scores predict (a column number)."""
+    return np.argmax(rows[..., :scores_dim], axis=-1)
 
 
 def combined_similarities(queries, candidates, scores_dim: int) -> np.ndarray:
     """:func:`near_copy_similarity` of unit combined rows, every query against every
-    candidate (in place: one more matrix than a plain cosine's, and a mask)."""
+    candidate (in place: one more matrix than a plain cosine's, and two masks)."""
     by_features = queries[:, scores_dim:] @ candidates[:, scores_dim:].T
     similarity = queries[:, :scores_dim] @ candidates[:, :scores_dim].T
-    near = _near(by_features)
+    same = predicted(queries, scores_dim)[:, None] == predicted(candidates, scores_dim)[None, :]
+    near = _near(by_features, same)
     similarity += by_features
-    similarity[near] = by_features[near] + np.float32(1.0 / (1.0 + FEATURE_WEIGHT))
+    similarity[near] = _near_similarity(by_features[near])
     return similarity
 
 
@@ -412,7 +431,8 @@ def _combined_candidates(store, vector, k: int, key: str, category, exclude):
     """``(ids, categories, combined matrix, scores_dim)`` of the images that can be among
     the ``k`` nearest ``vector`` in the combined space. Without pgvector, every image:
     near copies are found by their features alone. With it, near copies come from the
-    feature index, and the others' features are read only where they can be nearer: a
+    feature index (:func:`_near_copies`), and the others' features are read only where
+    they can be nearer: a
     distance is at least ``d_scores / (1 + w)``, so no image whose score distance is over
     ``1 + w`` times the distance of the k-th nearest by scores can be."""
     if not store.has_vectors():
@@ -433,12 +453,33 @@ def _combined_candidates(store, vector, k: int, key: str, category, exclude):
     near = 1.0 - combined_similarities(unit_rows(vector[None]),
                                        unit_rows(combined(scores[first], features)), width)[0]
     bound = (1 + FEATURE_WEIGHT) * float(near.max(initial=0.0)) + 1e-6
-    copies = [i for i, _ in store.nearest_features(key, vector[width:], k, category=category,
-                                                   max_distance=NEAR_COPY, exclude=exclude)]
+    copies = _near_copies(store, key, vector, width, k, category, exclude, ids,
+                          predicted(scores, width))
     rows = np.flatnonzero((by_scores <= bound) | np.isin(ids, copies))
     found, features = _features_of(store, key, ids[rows])
     rows = rows[np.isin(ids[rows], found)]
     return ids[rows], [categories[r] for r in rows], combined(scores[rows], features), width
+
+
+def _near_copies(store, key: str, vector, width: int, k: int, category, exclude, ids,
+                 predictions) -> list[int]:
+    """Ids of the near copies of combined ``vector`` (``width`` score columns) that can be
+    among its ``k`` nearest, from the feature index: the nearest within
+    ``NEAR_SAME_CATEGORY``, as many as it takes to find ``k`` near copies (within
+    ``NEAR_COPY``, or predicted the query's category: ``predictions`` are those of the
+    images ``ids``, which are sorted)."""
+    query_category = int(np.argmax(vector[:width]))
+    wanted = k
+    while True:
+        found = store.nearest_features(key, vector[width:], wanted, category=category,
+                                       max_distance=NEAR_SAME_CATEGORY, exclude=exclude)
+        found_ids = np.array([i for i, _ in found], np.int64)
+        rows = np.minimum(np.searchsorted(ids, found_ids), max(len(ids) - 1, 0))
+        same = (ids[rows] == found_ids) & (predictions[rows] == query_category)
+        copies = [i for (i, d), s in zip(found, same) if d < NEAR_COPY or s]
+        if len(copies) >= k or len(found) < wanted:
+            return copies
+        wanted *= 4
 
 
 def _kept(ids, categories, category, exclude) -> np.ndarray:
