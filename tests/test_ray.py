@@ -80,7 +80,7 @@ def test_a_worker_killed_mid_job_leaves_every_image_featurized_once(ray_cluster,
     def kill_one_actor_once_features_appear():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            done = one(url, "SELECT count(*) FROM imgsim.features")[0]
+            done = one(url, "SELECT count(DISTINCT image_id) FROM imgsim.features")[0]
             actors = [int(line.split()[0]) for line in subprocess.run(
                 ["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
                 if ACTOR in line]
@@ -100,9 +100,10 @@ def test_a_worker_killed_mid_job_leaves_every_image_featurized_once(ray_cluster,
     assert counts["featurized"] + counts["reused"] == images and counts["failed"] == 0
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT image_id, count(*) FROM imgsim.features "
-                            "GROUP BY image_id").fetchall()
+                            "GROUP BY image_id, backbone").fetchall()
         ids = {r[0] for r in conn.execute("SELECT id FROM imgsim.images")}
     assert {i for i, _ in rows} == ids and {n for _, n in rows} == {1}
+    assert len(rows) == 2 * len(ids)  # features and a thumbnail each
     assert store.last_run("featurize_images") is not None  # the step succeeded
     store.close()
 

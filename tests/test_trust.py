@@ -164,7 +164,7 @@ def test_ranking_in_many_small_blocks_gives_the_same_rows(pipeline_store, monkey
     from imgsim import settings
 
     whole = pipeline_store.ranking_rows(rank_candidates(pipeline_store, 5)["run_id"])
-    monkeypatch.setattr(settings.Budget, "ranking_block", lambda self, n: 3)
+    monkeypatch.setattr(settings.Budget, "ranking_block", lambda self, n, size=8: 3)
     blocks = pipeline_store.ranking_rows(rank_candidates(pipeline_store, 5)["run_id"])
     assert [row[:3] for row in blocks] == [row[:3] for row in whole]
     # the matrix products of other shapes round the last bits of float32 otherwise
@@ -233,7 +233,7 @@ def test_in_the_database_the_loser_of_a_race_fails_at_once_naming_the_winner(tru
                for f in failures)  # never a unique violation after doing all the work
     done = one(trust_db, "SELECT sum((counts->>'featurized')::int + (counts->>'reused')::int) "
                          "FROM imgsim.runs WHERE step = 'featurize_images'")[0]
-    assert done == one(trust_db, "SELECT count(*) FROM imgsim.features")[0]
+    assert 2 * done == one(trust_db, "SELECT count(*) FROM imgsim.features")[0]  # thumbnails
 
 
 # -- interrupted and killed steps --------------------------------------------------------
@@ -262,12 +262,13 @@ def test_a_cancelled_featurize_in_the_database_keeps_its_batches_and_answers_at_
     thread.join()
     assert isinstance(outcome["error"], errors.QueryCanceled)
     assert outcome["at"] - cancelled < 2.0
-    kept = one(trust_db, "SELECT count(*) FROM imgsim.features")[0]
+    rows_kept = one(trust_db, "SELECT count(*) FROM imgsim.features")[0]
+    kept = rows_kept // 2  # images: their features and thumbnail, in one batch
     status, error, counts = one(trust_db, "SELECT status, error, counts FROM imgsim.runs "
                                           "WHERE step = 'featurize_images' ORDER BY id DESC "
                                           "LIMIT 1")
-    assert kept >= 4 and status == "interrupted" and "canceling" in error
-    assert counts["featurized"] + counts["reused"] == kept  # the record matches what was kept
+    assert rows_kept >= 4 and status == "interrupted" and "canceling" in error
+    assert 2 * (counts["featurized"] + counts["reused"]) == rows_kept  # the record matches
     known_bad = one(trust_db, "SELECT count(*) FROM imgsim.image_errors WHERE step = "
                               "'featurize_images'")[0]  # recorded, not retried
     with psycopg.connect(trust_db, autocommit=True) as conn:
@@ -288,7 +289,7 @@ def test_a_killed_step_is_marked_abandoned_and_its_batches_kept(small_folder, tm
     step.wait()
     killed = store.last_run("featurize_images", status="running")
     assert killed is not None
-    kept = rows(store, t.features)
+    kept = rows(store, t.features) // 2  # images: features and thumbnail, in one batch
     again = featurize_images(store, progress=False)
     assert again["pending"] == 12 - kept
     assert store._fetch(select(t.runs.c.status).where(t.runs.c.id == killed[0]))[0][0] == \

@@ -46,14 +46,11 @@ def pair_distances(a: np.ndarray, b: np.ndarray, distance: str,
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if distance == "l2":
         return np.linalg.norm(a - b, axis=1)
+    if scores_dim is not None:
+        return rank.combined_pair_distances(a, b, scores_dim)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     norms = np.where(norms == 0, 1.0, norms)
-    if scores_dim is None:
-        return 1.0 - np.einsum("ij,ij->i", a, b) / norms
-    s = scores_dim
-    return 1.0 - rank.near_copy_similarity(np.einsum("ij,ij->i", a[:, :s], b[:, :s]) / norms,
-                                           np.einsum("ij,ij->i", a[:, s:], b[:, s:]) / norms,
-                                           rank.predicted(a, s) == rank.predicted(b, s))
+    return 1.0 - np.einsum("ij,ij->i", a, b) / norms
 
 
 def positive_ranks(query_ids, distances, is_positive) -> np.ndarray:
@@ -180,10 +177,9 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
         copied = np.array([rank.query(store, copy, space).vector
                            for copy in edited_copies(data[query], budget)], np.float32)
         products = matrix @ matrix[row]
-        unit = matrix[row] / norms[row]
-        to_all = {"cosine": _cosine_to(matrix, norms, unit, scores_dim),
+        to_all = {"cosine": _cosine_to(matrix, norms, matrix[row], scores_dim),
                   "l2": np.sqrt(np.maximum(squares + squares[row] - 2 * products, 0))}
-        to_copies = {"cosine": _cosine_to(copied, np.linalg.norm(copied, axis=1), unit,
+        to_copies = {"cosine": _cosine_to(copied, np.linalg.norm(copied, axis=1), matrix[row],
                                           scores_dim),
                      "l2": np.sqrt(np.maximum(np.einsum("ij,ij->i", copied, copied)
                                               + squares[row] - 2 * copied @ matrix[row], 0))}
@@ -193,16 +189,13 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
     return {d: np.array(r, dtype=np.int64) for d, r in ranks.items()}
 
 
-def _cosine_to(rows, norms, unit, scores_dim):
-    """Cosine distances of ``rows`` (their norms ``norms``) to the unit vector ``unit``;
-    with ``scores_dim``, of combined vectors (near copies first)."""
+def _cosine_to(rows, norms, vector, scores_dim):
+    """Cosine distances of ``rows`` (their norms ``norms``) to ``vector``; with
+    ``scores_dim``, the combined distances of combined rows (near copies first)."""
+    if scores_dim is not None:
+        return rank.combined_distances(vector[None], rows, scores_dim)[0]
     norms = np.where(norms == 0, 1.0, norms)
-    if scores_dim is None:
-        return 1.0 - rows @ unit / norms
-    s = scores_dim
-    return 1.0 - rank.near_copy_similarity(rows[:, :s] @ unit[:s] / norms,
-                                           rows[:, s:] @ unit[s:] / norms,
-                                           rank.predicted(rows, s) == rank.predicted(unit, s))
+    return 1.0 - rows @ (vector / max(np.linalg.norm(vector), 1e-30)) / norms
 
 
 @stepwise

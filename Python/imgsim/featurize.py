@@ -10,6 +10,11 @@ however many images there are and whatever batch size is asked for. Each finishe
 batch is kept (committed) before the next one starts. The step is incremental: an image
 whose content already has features for this backbone (under any path) is not run again,
 and content already recorded as undecodable is not retried.
+
+Each image also gets its *thumbnail* (:func:`thumbnail`, stored like features under
+``THUMBNAIL_KEY``): the combined ranking space takes an image whose thumbnail nearly
+matches the query's for a near copy (:mod:`imgsim.rank`). Images featurized before
+thumbnails existed are featurized once more to get theirs.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from .runs import recorded, stepwise
 from .store.base import to_blob
 
 STEP = "featurize_images"
+THUMBNAIL_KEY = "thumbnail-16"
+THUMBNAIL_SIDE = 16
+THUMBNAIL_DIM = THUMBNAIL_SIDE * THUMBNAIL_SIDE * 3
 
 
 def cache_dir() -> Path:
@@ -138,6 +146,18 @@ class Featurizer:
         return self.run(array[None])[0]
 
 
+def thumbnail(array: np.ndarray) -> np.ndarray:
+    """The thumbnail of a preprocessed image (288 x 288 x 3 pixels): the means of its 18 x 18
+    pixel blocks, each channel's mean removed, unit length (zeros for a flat image). Near
+    copies of a picture, halved, recompressed or recoloured, keep nearly the same one."""
+    side = THUMBNAIL_SIDE
+    block = array.shape[0] // side
+    means = array.astype(np.float32).reshape(side, block, side, block, -1).mean(axis=(1, 3))
+    means -= means.mean(axis=(0, 1))
+    norm = np.linalg.norm(means)
+    return (means / norm if norm > 0 else means).ravel()
+
+
 def features_in_use(store, backbone: str | None = None, weights=None) -> str:
     """The feature key of ``backbone``; by default the current classifier's (a fine-tuned
     backbone's when it was tuned), or the default backbone's before any training."""
@@ -232,7 +252,7 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
         with store.transaction():  # a copy of content that failed before fails the same way
             store.add_image_errors([{"run_id": run.id, **row}
                                     for row in store.unrecorded_bad_copies(STEP)])
-        pending = store.pending_images(key, STEP)
+        pending = store.pending_images(key, STEP, THUMBNAIL_KEY)
         counts = {"pending": len(pending), "featurized": 0, "reused": 0, "failed": 0,
                   "batch_size": batch_size, "workers": workers}
         run.progress(**counts)
@@ -317,9 +337,12 @@ def wait_decoded(store, decoding):
 
 
 def load_batch(store, key, batch):
-    """Fetch one batch's bytes; take vectors of content already featurized instead, and
-    decode a content that the batch holds twice only once."""
-    reused = store.vectors_by_sha(key, {sha for _, _, sha in batch})
+    """Fetch one batch's bytes; take vectors of content already featurized instead
+    (``(features, thumbnail)``), and decode a content that the batch holds twice only once."""
+    shas = {sha for _, _, sha in batch}
+    thumbnails = store.vectors_by_sha(THUMBNAIL_KEY, shas)
+    reused = {s: (v, thumbnails[s]) for s, v in store.vectors_by_sha(key, shas).items()
+              if s in thumbnails}
     todo, copies, seen = [], [], set()
     for image_id, path, sha in batch:
         if sha in reused:
@@ -350,11 +373,13 @@ def embed_and_store(store, featurizer, key, decoded, run, counts):
     rows = list(reused_rows)
     if good:
         vectors = featurizer.run(np.stack([a for _, _, a in good]))
-        rows += [(i, s, to_blob(v)) for (i, s, _), v in zip(good, vectors)]
+        rows += [(i, s, (to_blob(v), to_blob(thumbnail(a))))
+                 for (i, s, a), v in zip(good, vectors)]
     vector_of = {s: v for _, s, v in rows}
     copied = [(i, s, vector_of[s]) for i, _, s in copies if s in vector_of]
     with store.transaction():
-        store.put_features(key, rows + copied)
+        store.put_features(key, [(i, s, v) for i, s, (v, _) in rows + copied])
+        store.put_features(THUMBNAIL_KEY, [(i, s, t) for i, s, (_, t) in rows + copied])
         store.delete_image_errors(STEP, {s for _, s, _ in rows + copied} | set(failed),
                                   retry_only=True)  # tried again: the new outcome stands
         store.add_image_errors(errors)

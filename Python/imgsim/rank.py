@@ -14,13 +14,17 @@ The ranking space is one of:
   is then ``(d_scores + w d_features) / (1 + w)``. The scores decide between categories;
   among images the classifier scores alike (a confident classifier scores most of a
   category alike) the features decide, so the most similar come first instead of a tie
-  broken by id. A *near copy*, an image whose features are within ``NEAR_COPY`` cosine
-  distance of the query's (the same picture cropped, mirrored, recoloured or resized), or
+  broken by id. A *near copy* (the same picture cropped, mirrored, recoloured, resized) is
+  an image whose features are within ``NEAR_COPY`` cosine distance of the query's, or
   within ``NEAR_SAME_CATEGORY`` where the classifier predicts one category for both (a
-  copy it scores less surely than the original), has its score distance left out:
-  ``(NEAR_COPY / NEAR_SAME_CATEGORY) w d_features / (1 + w)``, below any other image's
-  distance (at least ``w NEAR_COPY / (1 + w)``), so near copies come first, nearest first,
-  even where the classifier scores them apart.
+  copy it scores less surely than the original), or whose thumbnail
+  (:func:`imgsim.featurize.thumbnail`, the last columns of a combined row) is within
+  ``NEAR_THUMBNAIL`` of the query's (a halved or recompressed copy, whose features
+  moved). Its score distance is left out: its distance is
+  ``(NEAR_COPY / NEAR_SAME_CATEGORY) w d_copy / (1 + w)``, with
+  ``d_copy = min(d_features, (NEAR_COPY / NEAR_THUMBNAIL) d_thumbnail)``, below any other
+  image's distance (at least ``w NEAR_COPY / (1 + w)``), so near copies come first,
+  nearest first, even where the classifier scores them apart.
 - ``scores``: the classifier's score vectors alone (the template's).
 - ``features``: the backbone features alone.
 """
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checks, lineage, settings
-from .featurize import features_in_use
+from .featurize import THUMBNAIL_DIM, THUMBNAIL_KEY, features_in_use, thumbnail
 from .images import ImageError
 from .runs import recorded, stepwise
 from .sync import MAX_FILE_BYTES
@@ -44,18 +48,17 @@ SPACES = ("combined", "scores", "features")
 # first): weight 0: 48.2% top-1, 91.8% top-32 / 16%; 0.1: 50.0%, 91.8% / 69%; 0.3: 47.7%,
 # 91.4% / 76%; 1: 42.3%, 89.5% / 82%; features alone: 6.4%, 50.0% / 94%.
 FEATURE_WEIGHT = 0.1
-# Reference set, default configuration, five seeds: copies ranked first 69.0% without near
-# copies, 80.0% at 0.1, 87.1% at 0.15, 91.0% at 0.2. 0.1 is the largest of these that lowers
-# the template's top-1 in no seed: from 0.135 on, other products photographed alike pass for
-# copies (a zebra print T-shirt for an argyle one: -0.2 points at 0.15, -0.5 at 0.2).
-# Between: 83.2% at 0.12, 84.5% at 0.13, top-1 kept, but other products of one photo shoot
-# (a zebra vest for a paisley one, same model and pose) pass from 0.104. What 0.1 misses is
-# mostly the halved copies (features at median 0.145) and the cropped ones (0.097). Measured
-# offline for a next step: a colour thumbnail (16 x 16, channel means removed) within 0.03,
-# or features within 0.2 when the classifier predicts one category for both: 95.9% (every
-# seed >= 95.6%), top-1 44.9% (never lower); the second rule alone: 84.9%, top-1 44.9%.
+# Near copies, measured on the reference set, default configuration, five seeds (copies
+# ranked first / template top-1): none 69.0% / 44.7%; features within 0.1: 80.0% / 44.7%;
+# 0.12: 83.2%, 0.13: 84.5% (top-1 kept, but other products of one photo shoot, a zebra vest
+# for a paisley one, pass from 0.104); 0.15: 87.1%, 0.2: 91.0% / 44.2% (a zebra print
+# T-shirt for an argyle one). What 0.1 misses is mostly the halved copies (features at
+# median 0.145) and the cropped ones (0.097). Within 0.1, or 0.2 and one predicted
+# category: 84.9% / 44.9%; and a thumbnail within 0.03 (offline): 95.9% / 44.9%, every seed
+# >= 95.6% and no top-1 lower.
 NEAR_COPY = 0.1
 NEAR_SAME_CATEGORY = 0.2
+NEAR_THUMBNAIL = 0.03
 MAX_K = 1000
 MAX_QUERIES = 100_000
 MAX_RANKING_ROWS = 5_000_000  # a run's results; the results of the last KEEP_RANKINGS
@@ -72,8 +75,9 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
                  block: int = 1024, between_blocks=None, scores_dim: int | None = None):
     """Top-``k`` candidates of each query by cosine distance.
 
-    With ``scores_dim``, rows are combined vectors (their first ``scores_dim`` columns the
-    scores) and near copies come first (module docstring).
+    With ``scores_dim``, rows are combined vectors (:func:`combined`; their first
+    ``scores_dim`` columns the scores), compared as they are, near copies first (module
+    docstring).
     When both id arrays are given, a candidate with the query's own id is excluded.
     ``between_blocks()`` is called before each block of queries (to answer a cancel).
     Returns ``(indices, distances)``, both ``(n_queries, min(k, n))``, best first;
@@ -85,7 +89,10 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
     >>> idx.tolist()
     [[1]]
     """
-    q, c = unit_rows(queries), unit_rows(candidates)
+    if scores_dim is None:
+        q, c = unit_rows(queries), unit_rows(candidates)
+    else:
+        q, c = np.asarray(queries, np.float32), np.asarray(candidates, np.float32)
     exclude = query_ids is not None and candidate_ids is not None
     k = min(k, len(c) - (1 if exclude else 0))
     if k <= 0 or len(q) == 0:
@@ -98,7 +105,7 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
             if between_blocks is not None:
                 between_blocks()
             sims = (q[start:start + block] @ c.T if scores_dim is None else
-                    combined_similarities(q[start:start + block], c, scores_dim))
+                    np.subtract(1, combined_distances(q[start:start + block], c, scores_dim)))
             if exclude:
                 own = np.asarray(query_ids)[start:start + block, None]
                 sims[own == np.asarray(candidate_ids)[None, :]] = -np.inf
@@ -125,33 +132,27 @@ def _best_of_rows(sims: np.ndarray, k: int):
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_sims, order, axis=1)
 
 
-def combined(scores: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """Rows of the combined space: unit scores beside unit features weighted by
-    ``FEATURE_WEIGHT`` (the weight of their cosine in the combined cosine)."""
-    return np.hstack([unit_rows(scores), np.sqrt(FEATURE_WEIGHT) * unit_rows(features)])
+def combined(scores: np.ndarray, features: np.ndarray, thumbnails=None) -> np.ndarray:
+    """Rows of the combined space: unit scores, unit features times ``sqrt(FEATURE_WEIGHT)``
+    (their product is w times their cosine), and the images' thumbnails (unit, zeros where
+    unknown; the last ``THUMBNAIL_DIM`` columns), which only find near copies."""
+    if thumbnails is None:
+        thumbnails = np.zeros((len(scores), THUMBNAIL_DIM), np.float32)
+    return np.hstack([unit_rows(scores), np.sqrt(FEATURE_WEIGHT) * unit_rows(features),
+                      np.asarray(thumbnails, np.float32)])
 
 
-def near_copy_similarity(by_scores, by_features, same_category):
-    """One minus the combined distance, from the products of the scores parts and of the
-    features parts of unit combined rows (each summed over 1 + w) and whether the
-    classifier predicts one category for both: near copies' score distance left out."""
-    near = _near(by_features, same_category)
-    return np.where(near, _near_similarity(by_features), by_scores + by_features)
-
-
-def _near(by_features, same_category):
-    """Which products of the features parts of unit combined rows are of near copies."""
+def combined_distance(by_scores, by_features, by_thumbnails, same_category):
+    """The combined distance from the cosines of two images' scores, features and thumbnails
+    and whether the classifier predicts one category for both (module docstring)."""
     w = FEATURE_WEIGHT
-    return ((by_features > w * (1.0 - NEAR_COPY) / (1.0 + w))
-            | (same_category & (by_features > w * (1.0 - NEAR_SAME_CATEGORY) / (1.0 + w))))
-
-
-def _near_similarity(by_features):
-    """One minus a near copy's distance, ``(NEAR_COPY / NEAR_SAME_CATEGORY) w d_f / (1 + w)``,
-    where ``by_features = w (1 - d_f) / (1 + w)``."""
-    w = FEATURE_WEIGHT
-    return np.float32(1.0) - np.float32(NEAR_COPY / NEAR_SAME_CATEGORY) * (
-        np.float32(w / (1.0 + w)) - by_features)
+    d_features = 1 - by_features
+    d_thumbnails = 1 - by_thumbnails
+    near = ((d_features < NEAR_COPY) | (same_category & (d_features < NEAR_SAME_CATEGORY))
+            | (d_thumbnails < NEAR_THUMBNAIL))
+    copy = np.minimum(d_features, NEAR_COPY / NEAR_THUMBNAIL * d_thumbnails)
+    return np.where(near, NEAR_COPY / NEAR_SAME_CATEGORY * w * copy,
+                    1 - by_scores + w * d_features) / (1 + w)
 
 
 def predicted(rows, scores_dim: int) -> np.ndarray:
@@ -159,16 +160,28 @@ def predicted(rows, scores_dim: int) -> np.ndarray:
     return np.argmax(rows[..., :scores_dim], axis=-1)
 
 
-def combined_similarities(queries, candidates, scores_dim: int) -> np.ndarray:
-    """:func:`near_copy_similarity` of unit combined rows, every query against every
-    candidate (in place: one more matrix than a plain cosine's, and two masks)."""
-    by_features = queries[:, scores_dim:] @ candidates[:, scores_dim:].T
-    similarity = queries[:, :scores_dim] @ candidates[:, :scores_dim].T
-    same = predicted(queries, scores_dim)[:, None] == predicted(candidates, scores_dim)[None, :]
-    near = _near(by_features, same)
-    similarity += by_features
-    similarity[near] = _near_similarity(by_features[near])
-    return similarity
+def combined_distances(queries, candidates, scores_dim: int) -> np.ndarray:
+    """:func:`combined_distance` of every combined row of ``queries`` to every one of
+    ``candidates`` (``scores_dim`` score columns)."""
+    s, f = scores_dim, queries.shape[1] - THUMBNAIL_DIM
+    return combined_distance(
+        queries[:, :s] @ candidates[:, :s].T,
+        queries[:, s:f] @ candidates[:, s:f].T / np.float32(FEATURE_WEIGHT),
+        queries[:, f:] @ candidates[:, f:].T,
+        predicted(queries, s)[:, None] == predicted(candidates, s)[None, :])
+
+
+def combined_pair_distances(a, b, scores_dim: int) -> np.ndarray:
+    """:func:`combined_distance` of each combined row of ``a`` to the same row of ``b``."""
+    s, f = scores_dim, a.shape[1] - THUMBNAIL_DIM
+
+    def products(part):
+        return np.einsum("ij,ij->i", a[:, part], b[:, part])
+
+    return combined_distance(products(slice(0, s)),
+                             products(slice(s, f)) / FEATURE_WEIGHT,
+                             products(slice(f, None)),
+                             predicted(a, s) == predicted(b, s))
 
 
 def space_vectors(store, space: str, key: str | None, ids=None):
@@ -185,7 +198,20 @@ def space_vectors(store, space: str, key: str | None, ids=None):
     keep = np.isin(found, with_features)  # scores are made from features: all, as a rule
     rows = np.searchsorted(with_features, found[keep])
     return (found[keep], [c for c, k in zip(categories, keep) if k],
-            combined(matrix[keep], features[rows]), matrix.shape[1])
+            combined(matrix[keep], features[rows], thumbnails_of(store, found[keep], ids)),
+            matrix.shape[1])
+
+
+def thumbnails_of(store, ids, wanted=None) -> np.ndarray:
+    """The thumbnails of images ``ids`` (sorted; read for images ``wanted``, or all), a row
+    of zeros for an image without one."""
+    found, _, matrix = store.feature_matrix(THUMBNAIL_KEY, wanted)
+    thumbnails = np.zeros((len(ids), THUMBNAIL_DIM), np.float32)
+    if len(found) and len(ids):
+        at = np.minimum(np.searchsorted(ids, found), len(ids) - 1)
+        known = ids[at] == found
+        thumbnails[at[known]] = matrix[known]
+    return thumbnails
 
 
 def ranking_key(store, space: str, backbone, weights) -> str | None:
@@ -272,7 +298,7 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "combined",
                 f"{len(query_ids)} queries x {min(top_k, len(ids))} candidates is over the "
                 f"limit of {MAX_RANKING_ROWS} rows: choose fewer queries or a smaller "
                 "top_k_candidates")
-        block = settings.budget(store).ranking_block(len(ids))
+        block = settings.budget(store).ranking_block(len(ids), 8 if scores_dim is None else 48)
         written = 0
         with store.transaction():  # results stream out a block of queries at a time
             run.start()
@@ -391,7 +417,7 @@ def query(store, image: bytes, space: str = "combined") -> Query:
                          lambda graph: Classifier(graph, meta["classes"]))
     labels, scores = classifier.predict(features[None])
     vector = {"scores": scores[0], "features": features,
-              "combined": combined(scores, features[None])[0]}[space]
+              "combined": combined(scores, features[None], thumbnail(array)[None])[0]}[space]
     return Query(vector, labels[0], float(scores[0].max()), key)
 
 
@@ -447,38 +473,41 @@ def _combined_candidates(store, vector, k: int, key: str, category, exclude):
     vector = np.asarray(vector, np.float32)
     by_scores = 1.0 - unit_rows(scores) @ vector[:width]
     first = np.sort(np.argsort(by_scores, kind="stable")[:k])  # by id, as features come
-    found, features = _features_of(store, key, ids[first])
+    found, matrix = _combined_rows(store, key, ids[first], scores[first])
     if len(found) < len(first):  # some lack features: every image, the plain way
         return space_vectors(store, "combined", key)
-    near = 1.0 - combined_similarities(unit_rows(vector[None]),
-                                       unit_rows(combined(scores[first], features)), width)[0]
+    near = combined_distances(vector[None], matrix, width)[0]
     bound = (1 + FEATURE_WEIGHT) * float(near.max(initial=0.0)) + 1e-6
     copies = _near_copies(store, key, vector, width, k, category, exclude, ids,
                           predicted(scores, width))
     rows = np.flatnonzero((by_scores <= bound) | np.isin(ids, copies))
-    found, features = _features_of(store, key, ids[rows])
+    found, matrix = _combined_rows(store, key, ids[rows], scores[rows])
     rows = rows[np.isin(ids[rows], found)]
-    return ids[rows], [categories[r] for r in rows], combined(scores[rows], features), width
+    return ids[rows], [categories[r] for r in rows], matrix, width
 
 
 def _near_copies(store, key: str, vector, width: int, k: int, category, exclude, ids,
                  predictions) -> list[int]:
     """Ids of the near copies of combined ``vector`` (``width`` score columns) that can be
-    among its ``k`` nearest, from the feature index: the nearest within
-    ``NEAR_SAME_CATEGORY``, as many as it takes to find ``k`` near copies (within
-    ``NEAR_COPY``, or predicted the query's category: ``predictions`` are those of the
-    images ``ids``, which are sorted)."""
+    among its ``k`` nearest, from the indexes: the ``k`` nearest thumbnails within
+    ``NEAR_THUMBNAIL``, and the nearest features within ``NEAR_SAME_CATEGORY``, as many as
+    it takes to find ``k`` near copies (within ``NEAR_COPY``, or predicted the query's
+    category: ``predictions`` are those of the images ``ids``, which are sorted)."""
+    end = len(vector) - THUMBNAIL_DIM
+    copies = [i for i, _ in store.nearest_features(
+        THUMBNAIL_KEY, vector[end:], k, category=category, max_distance=NEAR_THUMBNAIL,
+        exclude=exclude)] if np.any(vector[end:]) else []
     query_category = int(np.argmax(vector[:width]))
     wanted = k
     while True:
-        found = store.nearest_features(key, vector[width:], wanted, category=category,
+        found = store.nearest_features(key, vector[width:end], wanted, category=category,
                                        max_distance=NEAR_SAME_CATEGORY, exclude=exclude)
         found_ids = np.array([i for i, _ in found], np.int64)
         rows = np.minimum(np.searchsorted(ids, found_ids), max(len(ids) - 1, 0))
         same = (ids[rows] == found_ids) & (predictions[rows] == query_category)
-        copies = [i for (i, d), s in zip(found, same) if d < NEAR_COPY or s]
-        if len(copies) >= k or len(found) < wanted:
-            return copies
+        by_features = [i for (i, d), s in zip(found, same) if d < NEAR_COPY or s]
+        if len(by_features) >= k or len(found) < wanted:
+            return copies + by_features
         wanted *= 4
 
 
@@ -490,15 +519,21 @@ def _kept(ids, categories, category, exclude) -> np.ndarray:
     return keep
 
 
-def _features_of(store, key: str, ids, chunk: int = 10_000):
-    """``(ids, features)`` of those of ``ids`` with features, by id, a chunk of ids a
-    statement (SQLite bounds the parameters of one)."""
-    parts = [store.feature_matrix(key, ids[start:start + chunk].tolist())
-             for start in range(0, len(ids), chunk)]
-    parts = [p for p in parts if len(p[0])]
-    if not parts:
+def _combined_rows(store, key: str, ids, scores, chunk: int = 10_000):
+    """``(ids, combined rows)`` of those of images ``ids`` (sorted; their ``scores``) with
+    features, a chunk of ids a statement (SQLite bounds the parameters of one)."""
+    found, features, thumbnails = [], [], []
+    for start in range(0, len(ids), chunk):
+        part, _, part_features = store.feature_matrix(key, ids[start:start + chunk].tolist())
+        if len(part):
+            found.append(part)
+            features.append(part_features)
+            thumbnails.append(thumbnails_of(store, part, part.tolist()))
+    if not found:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[2] for p in parts])
+    found = np.concatenate(found)
+    return found, combined(scores[np.isin(ids, found)], np.concatenate(features),
+                           np.concatenate(thumbnails))
 
 
 def similar_images(store, image: bytes, k: int = 10, space: str = "combined",

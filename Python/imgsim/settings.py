@@ -87,9 +87,12 @@ class Budget:
         evaluated: 40%)."""
         return int(self._spare * 0.4) // 300
 
-    def ranking_block(self, candidates: int) -> int:
-        """How many queries one block of exact ranking may compare with ``candidates``."""
-        return max(1, min(1024, int(self._spare * 0.4) // (8 * max(candidates, 1))))
+    def ranking_block(self, candidates: int, bytes_per_pair: int = 8) -> int:
+        """How many queries one block of exact ranking may compare with ``candidates``,
+        each pair taking ``bytes_per_pair`` at once (a similarity and its partial sort's
+        index: 8; the combined space's parts, masks and temporaries: 48)."""
+        return max(1, min(1024, int(self._spare * 0.4)
+                          // (bytes_per_pair * max(candidates, 1))))
 
 
 def budget(store) -> Budget:

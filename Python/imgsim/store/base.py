@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import (Boolean, Column, Float, Integer, MetaData, String, Table, and_,
-                        bindparam, cast, delete, func, insert, literal, not_, select, text,
+                        bindparam, cast, delete, func, insert, literal, not_, or_, select, text,
                         update)
 
 from .. import checks
@@ -380,17 +380,23 @@ class Store:
         return self._fetch(select(c.path, c.step, c.reason, c.at).order_by(c.id))
 
     # -- features -----------------------------------------------------------------------
-    def pending_images(self, backbone: str, step: str) -> list[tuple[int, str, str, int]]:
-        """Images without current features for ``backbone``, skipping content already
-        recorded as bad in ``step`` (not what may pass another time):
-        ``(id, path, sha256, size_bytes)``."""
+    def pending_images(self, backbone: str, step: str, also: str | None = None
+                       ) -> list[tuple[int, str, str, int]]:
+        """Images without current features for ``backbone`` (or, when given, for ``also``),
+        skipping content already recorded as bad in ``step`` (not what may pass another
+        time): ``(id, path, sha256, size_bytes)``."""
         i, f, e = t.images.c, t.features.c, t.image_errors.c
-        has_features = select(f.image_id).where(
-            f.image_id == i.id, f.backbone == backbone, f.sha256 == i.sha256).exists()
+
+        def has(key):
+            return select(f.image_id).where(
+                f.image_id == i.id, f.backbone == key, f.sha256 == i.sha256).exists()
+
+        missing = not_(has(backbone)) if also is None else or_(not_(has(backbone)),
+                                                               not_(has(also)))
         known_bad = select(e.id).where(e.sha256 == i.sha256, e.step == step,
                                        func.coalesce(e.retry, False).is_(False)).exists()
         return self._fetch(select(i.id, i.path, i.sha256, i.size_bytes)
-                           .where(not_(has_features), not_(known_bad)).order_by(i.id))
+                           .where(missing, not_(known_bad)).order_by(i.id))
 
     def vectors_by_sha(self, backbone: str, shas) -> dict[str, bytes]:
         f = t.features.c
