@@ -456,11 +456,11 @@ def nearest(store, vector, k: int = 10, space: str = "combined",
 def _combined_candidates(store, vector, k: int, key: str, category, exclude):
     """``(ids, categories, combined matrix, scores_dim)`` of the images that can be among
     the ``k`` nearest ``vector`` in the combined space. Without pgvector, every image:
-    near copies are found by their features alone. With it, near copies come from the
-    feature index (:func:`_near_copies`), and the others' features are read only where
-    they can be nearer: a
-    distance is at least ``d_scores / (1 + w)``, so no image whose score distance is over
-    ``1 + w`` times the distance of the k-th nearest by scores can be."""
+    near copies are found by their features and thumbnails alone. With it, near copies
+    come from the feature and thumbnail indexes (:func:`_near_copies`), and the others'
+    features are read only where they can be nearer: a distance is at least
+    ``d_scores / (1 + w)``, so no image whose score distance is over ``1 + w`` times the
+    distance of the k-th nearest by scores can be."""
     if not store.has_vectors():
         return space_vectors(store, "combined", key)
     ids, categories, _, scores = store.score_matrix()
