@@ -386,6 +386,12 @@ def test_similar_images_in_feature_space_through_the_index(indb, server_folder):
         "SELECT path, category, distance FROM imgsim.similar_images(%s, 3, 'features')",
         (image,)).fetchall()
     assert rows[0][0] == "leopard/leopard_004.jpg" and rows[0][2] < 1e-4
+    with psycopg.connect(indb) as conn:  # more than pgvector's largest ef_search of 1000 / 2
+        images = conn.execute("SELECT count(*) FROM imgsim.scores").fetchone()[0]
+        for space in ("features", "combined"):
+            rows = conn.execute("SELECT image_id FROM imgsim.similar_images(%s, 600, %s)",
+                                (image, space)).fetchall()
+            assert len(rows) == len(set(rows)) == images
 
 
 def test_cli_runs_in_the_database_and_manages_the_job(indb, tmp_path, capsys):

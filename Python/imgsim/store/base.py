@@ -31,6 +31,7 @@ from .. import checks
 from . import tables as t
 
 VECTOR_DTYPE = np.dtype("<f4")
+MAX_EF_SEARCH = 1000  # pgvector's largest hnsw.ef_search
 
 
 def to_blob(vector) -> bytes:
@@ -471,9 +472,9 @@ class Store:
             query = query.where(distance <= max_distance)
         if exclude is not None:
             query = query.where(fv.image_id != exclude)
+        ef_search = min(MAX_EF_SEARCH, max(ef_search, 2 * k))  # iterative scans go past it
         with self.transaction():
-            self._fetch(select(func.set_config("hnsw.ef_search", str(max(ef_search, 2 * k)),
-                                               True)))
+            self._fetch(select(func.set_config("hnsw.ef_search", str(ef_search), True)))
             self._fetch(select(func.set_config("hnsw.iterative_scan", "relaxed_order", True)))
             found = self._fetch(query)
         return sorted(found, key=lambda row: (row[1], row[0]))  # relaxed order: sorted here
