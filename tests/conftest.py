@@ -190,7 +190,7 @@ def server_folder(texture_folder):
 def check_combined_search(store, monkeypatch) -> None:
     """rank.nearest in the combined space answers the rows of a full ranking, near copies
     first (one the classifier scores as another class too, one it scores less surely,
-    whose features are further, and one found by its thumbnail alone); with pgvector it
+    whose features are further, and one found by its colour layout alone); with pgvector it
     reads the features of part of the collection only."""
     from imgsim import rank
     from imgsim.featurize import features_in_use
@@ -207,14 +207,14 @@ def check_combined_search(store, monkeypatch) -> None:
     unsure = np.full(width, 0.2 / width, np.float32)
     unsure[own] += 0.45
     unsure[other] += 0.35
-    end = matrix.shape[1] - rank.THUMBNAIL_DIM  # the features' columns: [width:end]
+    end = matrix.shape[1] - rank.LAYOUT_DIM  # the features' columns: [width:end]
     features = matrix[0, width:end] / np.linalg.norm(matrix[0, width:end])
     aside = np.random.default_rng(0).standard_normal(len(features)).astype(np.float32)
     aside -= (aside @ features) * features
     aside /= np.linalg.norm(aside)
     moved = 0.85 * features + np.sqrt(1 - 0.85 ** 2) * aside  # 0.15 from image 0's
     blurred = rank.combined(unsure[None], moved[None])[0]
-    # image 0's thumbnail only: another category's scores, features opposite to image 0's
+    # image 0's colour layout only: another category's scores, features opposite to image 0's
     halved = rank.combined(np.eye(width)[other][None], -features[None],
                            matrix[:1, end:])[0]
     queries = ([(matrix[row], int(ids[row])) for row in (0, 7, 21)]
@@ -243,14 +243,14 @@ def check_near_copies_from_the_index(store, key, ids, matrix, width) -> None:
     from the index until it has k near copies."""
     from imgsim import rank
 
-    features = rank.unit_rows(matrix[:, width:matrix.shape[1] - rank.THUMBNAIL_DIM])
+    features = rank.unit_rows(matrix[:, width:matrix.shape[1] - rank.LAYOUT_DIM])
     predictions = rank.predicted(matrix, width)
     halfway = 1 - np.sqrt((1 + features @ features.T) / 2)  # from the mean of two images
     a, b = np.argwhere((predictions[:, None] != predictions[None, :])
                        & (halfway > 0.12) & (halfway < 0.17))[0]
     vector = rank.combined(matrix[a:a + 1, :width],
                            (features[a] + 1.1 * features[b])[None])[0]  # nearer b, a's scores
-    d_features = 1 - features @ rank.unit_rows(vector[None, width:-rank.THUMBNAIL_DIM])[0]
+    d_features = 1 - features @ rank.unit_rows(vector[None, width:-rank.LAYOUT_DIM])[0]
     assert rank.NEAR_COPY <= d_features[b] == d_features.min() < d_features[a]
     near = (d_features < rank.NEAR_COPY) | ((predictions == predictions[a])
                                            & (d_features < rank.NEAR_SAME_CATEGORY))

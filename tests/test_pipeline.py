@@ -26,7 +26,7 @@ def test_bad_files_are_recorded_and_nothing_else_is_lost(pipeline_store):
         assert errors[path][0] == "featurize_images" and reason in errors[path][1]
     total = N_CATEGORIES * PER_CATEGORY + 4 + len(BAD_FILES)  # 4 odd-mode files convert
     assert count(pipeline_store, t.images) == total
-    assert count(pipeline_store, t.features) == 2 * (total - len(BAD_FILES))  # and thumbnails
+    assert count(pipeline_store, t.features) == 2 * (total - len(BAD_FILES))  # and colour layouts
 
 
 def test_classifier_scores_well_above_chance(pipeline_db):
@@ -98,31 +98,31 @@ def test_a_copy_reuses_features_and_a_changed_file_is_featurized_again(small_fol
     assert featurize_images(empty_store, progress=False)["reused"] == 1
 
 
-def test_featurize_stores_thumbnails_and_gives_older_images_theirs(small_folder, empty_store):
-    from imgsim.featurize import THUMBNAIL_KEY, features_in_use
+def test_featurize_stores_colour_layouts_and_gives_older_images_theirs(small_folder, empty_store):
+    from imgsim.featurize import LAYOUT_KEY, features_in_use
 
     sync_image_folder(empty_store, small_folder, progress=False)
     featurize_images(empty_store, progress=False)
     key = features_in_use(empty_store)
     ids = empty_store.feature_matrix(key)[0].tolist()
-    assert empty_store.feature_matrix(THUMBNAIL_KEY)[0].tolist() == ids == list(range(1, 13))
-    with empty_store.transaction():  # as featurized before thumbnails existed
+    assert empty_store.feature_matrix(LAYOUT_KEY)[0].tolist() == ids == list(range(1, 13))
+    with empty_store.transaction():  # as featurized before colour layouts existed
         empty_store._write(t.features.delete().where(
-            t.features.c.backbone == THUMBNAIL_KEY, t.features.c.image_id <= 3))
+            t.features.c.backbone == LAYOUT_KEY, t.features.c.image_id <= 3))
     again = featurize_images(empty_store, progress=False)
     assert again["pending"] == 3 and again["failed"] == 0
-    assert empty_store.feature_matrix(THUMBNAIL_KEY)[0].tolist() == ids
+    assert empty_store.feature_matrix(LAYOUT_KEY)[0].tolist() == ids
 
 
-def test_a_halved_recompressed_copy_keeps_its_thumbnail(texture_folder):
+def test_a_halved_recompressed_copy_keeps_its_colour_layout(texture_folder):
     from PIL import Image
 
-    from imgsim.featurize import thumbnail
+    from imgsim.featurize import colour_layout
     from imgsim.images import MAX_PIXELS, preprocess
-    from imgsim.rank import NEAR_THUMBNAIL
+    from imgsim.rank import NEAR_LAYOUT
 
     def of(data):
-        return thumbnail(preprocess(data, MAX_PIXELS, None))
+        return colour_layout(preprocess(data, MAX_PIXELS, None))
 
     data = (texture_folder / "zebra" / "zebra_000.jpg").read_bytes()
     image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -130,12 +130,12 @@ def test_a_halved_recompressed_copy_keeps_its_thumbnail(texture_folder):
     image.resize((image.width // 2, image.height // 2)).save(halved, "JPEG", quality=50)
     original = of(data)
     assert np.linalg.norm(original) == pytest.approx(1, abs=1e-5)
-    assert 1 - original @ of(halved.getvalue()) < NEAR_THUMBNAIL
+    assert 1 - original @ of(halved.getvalue()) < NEAR_LAYOUT
     other = of((texture_folder / "zebra" / "zebra_001.jpg").read_bytes())
-    assert 1 - original @ other > NEAR_THUMBNAIL
+    assert 1 - original @ other > NEAR_LAYOUT
     flat = io.BytesIO()
     Image.new("RGB", (300, 300), (120, 30, 200)).save(flat, "PNG")
-    assert not of(flat.getvalue()).any()  # a flat image has no thumbnail to match
+    assert not of(flat.getvalue()).any()  # a flat image has no colour layout to match
 
 
 @pytest.mark.parametrize("bad", [

@@ -72,24 +72,24 @@ def test_similar_to_a_stored_image_and_filters(pipeline_store):
 def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
     """Combined distance = (d_scores + w d_features) / (1 + w); for near copies
     (d_features < NEAR_COPY, or < NEAR_SAME_CATEGORY and one predicted category, or
-    d_thumbnails < NEAR_THUMBNAIL) (NEAR_COPY / NEAR_SAME_CATEGORY) w d_copy / (1 + w):
+    d_layouts < NEAR_LAYOUT) (NEAR_COPY / NEAR_SAME_CATEGORY) w d_copy / (1 + w):
     where the classifier scores images alike (ties in score space), the features order
     them."""
-    from imgsim.featurize import THUMBNAIL_KEY, features_in_use
+    from imgsim.featurize import LAYOUT_KEY, features_in_use
     from imgsim.rank import (FEATURE_WEIGHT as w, NEAR_COPY, NEAR_SAME_CATEGORY,
-                             NEAR_THUMBNAIL, similar_to, unit_rows)
+                             NEAR_LAYOUT, similar_to, unit_rows)
 
     ids, _, _, scores = pipeline_store.score_matrix()
     _, _, features = pipeline_store.feature_matrix(features_in_use(pipeline_store), ids)
-    with_thumbnails, _, thumbnails = pipeline_store.feature_matrix(THUMBNAIL_KEY, ids)
-    assert with_thumbnails.tolist() == ids.tolist()  # featurize made them
+    with_layouts, _, layouts = pipeline_store.feature_matrix(LAYOUT_KEY, ids)
+    assert with_layouts.tolist() == ids.tolist()  # featurize made them
     d_scores = 1 - unit_rows(scores) @ unit_rows(scores)[0]
     d_features = 1 - unit_rows(features) @ unit_rows(features)[0]
-    d_thumbnails = 1 - thumbnails @ thumbnails[0]
+    d_layouts = 1 - layouts @ layouts[0]
     same = scores.argmax(axis=1) == scores[0].argmax()
     near = ((d_features < NEAR_COPY) | (same & (d_features < NEAR_SAME_CATEGORY))
-            | (d_thumbnails < NEAR_THUMBNAIL))
-    d_copy = np.minimum(d_features, NEAR_COPY / NEAR_THUMBNAIL * d_thumbnails)
+            | (d_layouts < NEAR_LAYOUT))
+    d_copy = np.minimum(d_features, NEAR_COPY / NEAR_LAYOUT * d_layouts)
     expected = np.where(near, NEAR_COPY / NEAR_SAME_CATEGORY * w * d_copy,
                         d_scores + w * d_features) / (1 + w)
     order = [n for n in np.argsort(expected, kind="stable") if n != 0][:8]
@@ -147,25 +147,25 @@ def test_a_copy_scored_less_surely_comes_first_within_its_predicted_category():
     assert top_k_cosine(matrix[:1], matrix[1:], 3)[0].tolist() == [[1, 0, 2]]
 
 
-def test_a_copy_found_by_its_thumbnail_comes_first():
-    """A thumbnail within NEAR_THUMBNAIL makes a near copy whatever its scores and
-    features say; its distance counts the thumbnail's, scaled to NEAR_COPY."""
-    from imgsim.featurize import THUMBNAIL_DIM
+def test_a_copy_found_by_its_colour_layout_comes_first():
+    """A colour layout within NEAR_LAYOUT makes a near copy whatever its scores and
+    features say; its distance counts the layout's, scaled to NEAR_COPY."""
+    from imgsim.featurize import LAYOUT_DIM
     from imgsim.rank import (FEATURE_WEIGHT as w, NEAR_COPY, NEAR_SAME_CATEGORY,
-                             NEAR_THUMBNAIL, combined)
+                             NEAR_LAYOUT, combined)
 
-    thumbnails = np.zeros((3, THUMBNAIL_DIM), np.float32)
-    thumbnails[:, :2] = [[1.0, 0.0], [0.98, np.sqrt(1 - 0.98 ** 2)], [0.9, np.sqrt(0.19)]]
+    layouts = np.zeros((3, LAYOUT_DIM), np.float32)
+    layouts[:, :2] = [[1.0, 0.0], [0.98, np.sqrt(1 - 0.98 ** 2)], [0.9, np.sqrt(0.19)]]
     scores = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     features = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, np.sqrt(0.51)]])
-    matrix = combined(scores, features, thumbnails)
+    matrix = combined(scores, features, layouts)
     index, distances = top_k_cosine(matrix[:1], matrix[1:], 2, scores_dim=2)
-    assert index.tolist() == [[0, 1]]  # thumbnails 0.02 apart; the other 0.1 apart, not near
-    want = [NEAR_COPY / NEAR_SAME_CATEGORY * w * min(1.0, NEAR_COPY / NEAR_THUMBNAIL * 0.02),
+    assert index.tolist() == [[0, 1]]  # layouts 0.02 apart; the other 0.1 apart, not near
+    want = [NEAR_COPY / NEAR_SAME_CATEGORY * w * min(1.0, NEAR_COPY / NEAR_LAYOUT * 0.02),
             w * 0.3]
     assert distances[0] == pytest.approx(np.array(want) / (1 + w), abs=1e-6)
     assert top_k_cosine(matrix[:1], combined(scores, features)[1:], 2,
-                        scores_dim=2)[0].tolist() == [[1, 0]]  # without thumbnails
+                        scores_dim=2)[0].tolist() == [[1, 0]]  # without layouts
 
 
 def test_combined_search_finds_near_copies_and_matches_a_full_ranking(pipeline_store,

@@ -103,7 +103,7 @@ def test_a_worker_killed_mid_job_leaves_every_image_featurized_once(ray_cluster,
                             "GROUP BY image_id, backbone").fetchall()
         ids = {r[0] for r in conn.execute("SELECT id FROM imgsim.images")}
     assert {i for i, _ in rows} == ids and {n for _, n in rows} == {1}
-    assert len(rows) == 2 * len(ids)  # features and a thumbnail each
+    assert len(rows) == 2 * len(ids)  # features and a colour layout each
     assert store.last_run("featurize_images") is not None  # the step succeeded
     store.close()
 

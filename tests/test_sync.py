@@ -49,7 +49,7 @@ def test_a_removed_folder_removes_its_category(synced):
     (folder / "dotted").rmdir()
     assert sync_image_folder(store, folder, progress=False)["removed"] == 4
     assert not [p for p in paths(store) if p.startswith("dotted/")]
-    assert count(store, t.features) == 2 * 8  # features and thumbnails
+    assert count(store, t.features) == 2 * 8  # features and colour layouts
 
 
 def test_a_changed_or_moved_file_is_replaced_and_its_features_go(synced):

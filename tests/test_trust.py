@@ -233,7 +233,7 @@ def test_in_the_database_the_loser_of_a_race_fails_at_once_naming_the_winner(tru
                for f in failures)  # never a unique violation after doing all the work
     done = one(trust_db, "SELECT sum((counts->>'featurized')::int + (counts->>'reused')::int) "
                          "FROM imgsim.runs WHERE step = 'featurize_images'")[0]
-    assert 2 * done == one(trust_db, "SELECT count(*) FROM imgsim.features")[0]  # thumbnails
+    assert 2 * done == one(trust_db, "SELECT count(*) FROM imgsim.features")[0]  # colour layouts
 
 
 # -- interrupted and killed steps --------------------------------------------------------
@@ -263,7 +263,7 @@ def test_a_cancelled_featurize_in_the_database_keeps_its_batches_and_answers_at_
     assert isinstance(outcome["error"], errors.QueryCanceled)
     assert outcome["at"] - cancelled < 2.0
     rows_kept = one(trust_db, "SELECT count(*) FROM imgsim.features")[0]
-    kept = rows_kept // 2  # images: their features and thumbnail, in one batch
+    kept = rows_kept // 2  # images: their features and colour layout, in one batch
     status, error, counts = one(trust_db, "SELECT status, error, counts FROM imgsim.runs "
                                           "WHERE step = 'featurize_images' ORDER BY id DESC "
                                           "LIMIT 1")
@@ -289,7 +289,7 @@ def test_a_killed_step_is_marked_abandoned_and_its_batches_kept(small_folder, tm
     step.wait()
     killed = store.last_run("featurize_images", status="running")
     assert killed is not None
-    kept = rows(store, t.features) // 2  # images: features and thumbnail, in one batch
+    kept = rows(store, t.features) // 2  # images: features and colour layout, in one batch
     again = featurize_images(store, progress=False)
     assert again["pending"] == 12 - kept
     assert store._fetch(select(t.runs.c.status).where(t.runs.c.id == killed[0]))[0][0] == \

@@ -11,10 +11,10 @@ batch is kept (committed) before the next one starts. The step is incremental: a
 whose content already has features for this backbone (under any path) is not run again,
 and content already recorded as undecodable is not retried.
 
-Each image also gets its *thumbnail* (:func:`thumbnail`, stored like features under
-``THUMBNAIL_KEY``): the combined ranking space takes an image whose thumbnail nearly
-matches the query's for a near copy (:mod:`imgsim.rank`). Images featurized before
-thumbnails existed are featurized once more to get theirs.
+Each image also gets its *colour layout* (:func:`colour_layout`, stored like features
+under ``LAYOUT_KEY``): the combined ranking space takes an image whose colour layout
+nearly matches the query's for a near copy (:mod:`imgsim.rank`). Images featurized
+before colour layouts existed are featurized once more to get theirs.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from .runs import recorded, stepwise
 from .store.base import to_blob
 
 STEP = "featurize_images"
-THUMBNAIL_KEY = "thumbnail-16"
-THUMBNAIL_SIDE = 16
-THUMBNAIL_DIM = THUMBNAIL_SIDE * THUMBNAIL_SIDE * 3
+LAYOUT_KEY = "colour-layout-16"
+LAYOUT_SIDE = 16
+LAYOUT_DIM = LAYOUT_SIDE * LAYOUT_SIDE * 3
 
 
 def cache_dir() -> Path:
@@ -146,11 +146,11 @@ class Featurizer:
         return self.run(array[None])[0]
 
 
-def thumbnail(array: np.ndarray) -> np.ndarray:
-    """The thumbnail of a preprocessed image (288 x 288 x 3 pixels): the means of its 18 x 18
+def colour_layout(array: np.ndarray) -> np.ndarray:
+    """The colour layout of a preprocessed image (288 x 288 x 3 pixels): the means of its 18 x 18
     pixel blocks, each channel's mean removed, unit length (zeros for a flat image). Near
     copies of a picture, halved, recompressed or recoloured, keep nearly the same one."""
-    side = THUMBNAIL_SIDE
+    side = LAYOUT_SIDE
     block = array.shape[0] // side
     means = array.astype(np.float32).reshape(side, block, side, block, -1).mean(axis=(1, 3))
     means -= means.mean(axis=(0, 1))
@@ -252,7 +252,7 @@ def featurize_images(store, backbone: str = backbones.DEFAULT_BACKBONE, weights=
         with store.transaction():  # a copy of content that failed before fails the same way
             store.add_image_errors([{"run_id": run.id, **row}
                                     for row in store.unrecorded_bad_copies(STEP)])
-        pending = store.pending_images(key, STEP, THUMBNAIL_KEY)
+        pending = store.pending_images(key, STEP, LAYOUT_KEY)
         counts = {"pending": len(pending), "featurized": 0, "reused": 0, "failed": 0,
                   "batch_size": batch_size, "workers": workers}
         run.progress(**counts)
@@ -338,11 +338,11 @@ def wait_decoded(store, decoding):
 
 def load_batch(store, key, batch):
     """Fetch one batch's bytes; take vectors of content already featurized instead
-    (``(features, thumbnail)``), and decode a content that the batch holds twice only once."""
+    (``(features, colour layout)``), and decode a content that the batch holds twice only once."""
     shas = {sha for _, _, sha in batch}
-    thumbnails = store.vectors_by_sha(THUMBNAIL_KEY, shas)
-    reused = {s: (v, thumbnails[s]) for s, v in store.vectors_by_sha(key, shas).items()
-              if s in thumbnails}
+    layouts = store.vectors_by_sha(LAYOUT_KEY, shas)
+    reused = {s: (v, layouts[s]) for s, v in store.vectors_by_sha(key, shas).items()
+              if s in layouts}
     todo, copies, seen = [], [], set()
     for image_id, path, sha in batch:
         if sha in reused:
@@ -373,13 +373,13 @@ def embed_and_store(store, featurizer, key, decoded, run, counts):
     rows = list(reused_rows)
     if good:
         vectors = featurizer.run(np.stack([a for _, _, a in good]))
-        rows += [(i, s, (to_blob(v), to_blob(thumbnail(a))))
+        rows += [(i, s, (to_blob(v), to_blob(colour_layout(a))))
                  for (i, s, a), v in zip(good, vectors)]
     vector_of = {s: v for _, s, v in rows}
     copied = [(i, s, vector_of[s]) for i, _, s in copies if s in vector_of]
     with store.transaction():
         store.put_features(key, [(i, s, v) for i, s, (v, _) in rows + copied])
-        store.put_features(THUMBNAIL_KEY, [(i, s, t) for i, s, (_, t) in rows + copied])
+        store.put_features(LAYOUT_KEY, [(i, s, t) for i, s, (_, t) in rows + copied])
         store.delete_image_errors(STEP, {s for _, s, _ in rows + copied} | set(failed),
                                   retry_only=True)  # tried again: the new outcome stands
         store.add_image_errors(errors)

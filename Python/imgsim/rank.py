@@ -17,12 +17,12 @@ The ranking space is one of:
   broken by id. A *near copy* (the same picture cropped, mirrored, recoloured, resized) is
   an image whose features are within ``NEAR_COPY`` cosine distance of the query's, or
   within ``NEAR_SAME_CATEGORY`` where the classifier predicts one category for both (a
-  copy it scores less surely than the original), or whose thumbnail
-  (:func:`imgsim.featurize.thumbnail`, the last columns of a combined row) is within
-  ``NEAR_THUMBNAIL`` of the query's (a halved or recompressed copy, whose features
+  copy it scores less surely than the original), or whose colour layout
+  (:func:`imgsim.featurize.colour_layout`, the last columns of a combined row) is within
+  ``NEAR_LAYOUT`` of the query's (a halved or recompressed copy, whose features
   moved). Its score distance is left out: its distance is
   ``(NEAR_COPY / NEAR_SAME_CATEGORY) w d_copy / (1 + w)``, with
-  ``d_copy = min(d_features, (NEAR_COPY / NEAR_THUMBNAIL) d_thumbnail)``, below any other
+  ``d_copy = min(d_features, (NEAR_COPY / NEAR_LAYOUT) d_layout)``, below any other
   image's distance (at least ``w NEAR_COPY / (1 + w)``), so near copies come first,
   nearest first, even where the classifier scores them apart.
 - ``scores``: the classifier's score vectors alone (the template's).
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checks, lineage, settings
-from .featurize import THUMBNAIL_DIM, THUMBNAIL_KEY, features_in_use, thumbnail
+from .featurize import LAYOUT_DIM, LAYOUT_KEY, colour_layout, features_in_use
 from .images import ImageError
 from .runs import recorded, stepwise
 from .sync import MAX_FILE_BYTES
@@ -54,11 +54,12 @@ FEATURE_WEIGHT = 0.1
 # for a paisley one, pass from 0.104); 0.15: 87.1%, 0.2: 91.0% / 44.2% (a zebra print
 # T-shirt for an argyle one). What 0.1 misses is mostly the halved copies (features at
 # median 0.145) and the cropped ones (0.097). Within 0.1, or 0.2 and one predicted
-# category: 84.9% / 44.9%; and a thumbnail within 0.03 (offline): 95.9% / 44.9%, every seed
-# >= 95.6% and no top-1 lower.
+# category: 84.9% / 44.9% (offline); and a colour layout within 0.03 (16 x 16, 94.2% alone;
+# greyscale ones took T-shirts of one cut for copies): 95.9% / 44.9%, every seed >= 95.6%
+# and no top-1 lower (bench/RESULTS.md).
 NEAR_COPY = 0.1
 NEAR_SAME_CATEGORY = 0.2
-NEAR_THUMBNAIL = 0.03
+NEAR_LAYOUT = 0.03
 MAX_K = 1000
 MAX_QUERIES = 100_000
 MAX_RANKING_ROWS = 5_000_000  # a run's results; the results of the last KEEP_RANKINGS
@@ -132,25 +133,25 @@ def _best_of_rows(sims: np.ndarray, k: int):
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_sims, order, axis=1)
 
 
-def combined(scores: np.ndarray, features: np.ndarray, thumbnails=None) -> np.ndarray:
+def combined(scores: np.ndarray, features: np.ndarray, layouts=None) -> np.ndarray:
     """Rows of the combined space: unit scores, unit features times ``sqrt(FEATURE_WEIGHT)``
-    (their product is w times their cosine), and the images' thumbnails (unit, zeros where
-    unknown; the last ``THUMBNAIL_DIM`` columns), which only find near copies."""
-    if thumbnails is None:
-        thumbnails = np.zeros((len(scores), THUMBNAIL_DIM), np.float32)
+    (their product is w times their cosine), and the images' colour layouts (unit, zeros where
+    unknown; the last ``LAYOUT_DIM`` columns), which only find near copies."""
+    if layouts is None:
+        layouts = np.zeros((len(scores), LAYOUT_DIM), np.float32)
     return np.hstack([unit_rows(scores), np.sqrt(FEATURE_WEIGHT) * unit_rows(features),
-                      np.asarray(thumbnails, np.float32)])
+                      np.asarray(layouts, np.float32)])
 
 
-def combined_distance(by_scores, by_features, by_thumbnails, same_category):
-    """The combined distance from the cosines of two images' scores, features and thumbnails
+def combined_distance(by_scores, by_features, by_layouts, same_category):
+    """The combined distance from the cosines of two images' scores, features and colour layouts
     and whether the classifier predicts one category for both (module docstring)."""
     w = FEATURE_WEIGHT
     d_features = 1 - by_features
-    d_thumbnails = 1 - by_thumbnails
+    d_layouts = 1 - by_layouts
     near = ((d_features < NEAR_COPY) | (same_category & (d_features < NEAR_SAME_CATEGORY))
-            | (d_thumbnails < NEAR_THUMBNAIL))
-    copy = np.minimum(d_features, NEAR_COPY / NEAR_THUMBNAIL * d_thumbnails)
+            | (d_layouts < NEAR_LAYOUT))
+    copy = np.minimum(d_features, NEAR_COPY / NEAR_LAYOUT * d_layouts)
     return np.where(near, NEAR_COPY / NEAR_SAME_CATEGORY * w * copy,
                     1 - by_scores + w * d_features) / (1 + w)
 
@@ -163,7 +164,7 @@ def predicted(rows, scores_dim: int) -> np.ndarray:
 def combined_distances(queries, candidates, scores_dim: int) -> np.ndarray:
     """:func:`combined_distance` of every combined row of ``queries`` to every one of
     ``candidates`` (``scores_dim`` score columns)."""
-    s, f = scores_dim, queries.shape[1] - THUMBNAIL_DIM
+    s, f = scores_dim, queries.shape[1] - LAYOUT_DIM
     return combined_distance(
         queries[:, :s] @ candidates[:, :s].T,
         queries[:, s:f] @ candidates[:, s:f].T / np.float32(FEATURE_WEIGHT),
@@ -173,7 +174,7 @@ def combined_distances(queries, candidates, scores_dim: int) -> np.ndarray:
 
 def combined_pair_distances(a, b, scores_dim: int) -> np.ndarray:
     """:func:`combined_distance` of each combined row of ``a`` to the same row of ``b``."""
-    s, f = scores_dim, a.shape[1] - THUMBNAIL_DIM
+    s, f = scores_dim, a.shape[1] - LAYOUT_DIM
 
     def products(part):
         return np.einsum("ij,ij->i", a[:, part], b[:, part])
@@ -198,20 +199,20 @@ def space_vectors(store, space: str, key: str | None, ids=None):
     keep = np.isin(found, with_features)  # scores are made from features: all, as a rule
     rows = np.searchsorted(with_features, found[keep])
     return (found[keep], [c for c, k in zip(categories, keep) if k],
-            combined(matrix[keep], features[rows], thumbnails_of(store, found[keep], ids)),
+            combined(matrix[keep], features[rows], layouts_of(store, found[keep], ids)),
             matrix.shape[1])
 
 
-def thumbnails_of(store, ids, wanted=None) -> np.ndarray:
-    """The thumbnails of images ``ids`` (sorted; read for images ``wanted``, or all), a row
+def layouts_of(store, ids, wanted=None) -> np.ndarray:
+    """The colour layouts of images ``ids`` (sorted; read for images ``wanted``, or all), a row
     of zeros for an image without one."""
-    found, _, matrix = store.feature_matrix(THUMBNAIL_KEY, wanted)
-    thumbnails = np.zeros((len(ids), THUMBNAIL_DIM), np.float32)
+    found, _, matrix = store.feature_matrix(LAYOUT_KEY, wanted)
+    layouts = np.zeros((len(ids), LAYOUT_DIM), np.float32)
     if len(found) and len(ids):
         at = np.minimum(np.searchsorted(ids, found), len(ids) - 1)
         known = ids[at] == found
-        thumbnails[at[known]] = matrix[known]
-    return thumbnails
+        layouts[at[known]] = matrix[known]
+    return layouts
 
 
 def ranking_key(store, space: str, backbone, weights) -> str | None:
@@ -417,7 +418,7 @@ def query(store, image: bytes, space: str = "combined") -> Query:
                          lambda graph: Classifier(graph, meta["classes"]))
     labels, scores = classifier.predict(features[None])
     vector = {"scores": scores[0], "features": features,
-              "combined": combined(scores, features[None], thumbnail(array)[None])[0]}[space]
+              "combined": combined(scores, features[None], colour_layout(array)[None])[0]}[space]
     return Query(vector, labels[0], float(scores[0].max()), key)
 
 
@@ -456,8 +457,8 @@ def nearest(store, vector, k: int = 10, space: str = "combined",
 def _combined_candidates(store, vector, k: int, key: str, category, exclude):
     """``(ids, categories, combined matrix, scores_dim)`` of the images that can be among
     the ``k`` nearest ``vector`` in the combined space. Without pgvector, every image:
-    near copies are found by their features and thumbnails alone. With it, near copies
-    come from the feature and thumbnail indexes (:func:`_near_copies`), and the others'
+    near copies are found by their features and colour layouts alone. With it, near copies
+    come from the feature and colour layout indexes (:func:`_near_copies`), and the others'
     features are read only where they can be nearer: a distance is at least
     ``d_scores / (1 + w)``, so no image whose score distance is over ``1 + w`` times the
     distance of the k-th nearest by scores can be."""
@@ -489,13 +490,13 @@ def _combined_candidates(store, vector, k: int, key: str, category, exclude):
 def _near_copies(store, key: str, vector, width: int, k: int, category, exclude, ids,
                  predictions) -> list[int]:
     """Ids of the near copies of combined ``vector`` (``width`` score columns) that can be
-    among its ``k`` nearest, from the indexes: the ``k`` nearest thumbnails within
-    ``NEAR_THUMBNAIL``, and the nearest features within ``NEAR_SAME_CATEGORY``, as many as
+    among its ``k`` nearest, from the indexes: the ``k`` nearest colour layouts within
+    ``NEAR_LAYOUT``, and the nearest features within ``NEAR_SAME_CATEGORY``, as many as
     it takes to find ``k`` near copies (within ``NEAR_COPY``, or predicted the query's
     category: ``predictions`` are those of the images ``ids``, which are sorted)."""
-    end = len(vector) - THUMBNAIL_DIM
+    end = len(vector) - LAYOUT_DIM
     copies = [i for i, _ in store.nearest_features(
-        THUMBNAIL_KEY, vector[end:], k, category=category, max_distance=NEAR_THUMBNAIL,
+        LAYOUT_KEY, vector[end:], k, category=category, max_distance=NEAR_LAYOUT,
         exclude=exclude)] if np.any(vector[end:]) else []
     query_category = int(np.argmax(vector[:width]))
     wanted = k
@@ -522,18 +523,18 @@ def _kept(ids, categories, category, exclude) -> np.ndarray:
 def _combined_rows(store, key: str, ids, scores, chunk: int = 10_000):
     """``(ids, combined rows)`` of those of images ``ids`` (sorted; their ``scores``) with
     features, a chunk of ids a statement (SQLite bounds the parameters of one)."""
-    found, features, thumbnails = [], [], []
+    found, features, layouts = [], [], []
     for start in range(0, len(ids), chunk):
         part, _, part_features = store.feature_matrix(key, ids[start:start + chunk].tolist())
         if len(part):
             found.append(part)
             features.append(part_features)
-            thumbnails.append(thumbnails_of(store, part, part.tolist()))
+            layouts.append(layouts_of(store, part, part.tolist()))
     if not found:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     found = np.concatenate(found)
     return found, combined(scores[np.isin(ids, found)], np.concatenate(features),
-                           np.concatenate(thumbnails))
+                           np.concatenate(layouts))
 
 
 def similar_images(store, image: bytes, k: int = 10, space: str = "combined",

@@ -1,6 +1,6 @@
 -- pgvector: features also kept as a vector column, with HNSW indexes (cosine) for the
 -- backbones' dimensions: 1280 (efficientnet_lite0, mobilenet_v2) and 512 (resnet18), and
--- for the thumbnails' 768 (near copies in the combined space).
+-- for the colour layouts' 768 (near copies in the combined space).
 -- Applied by `imgsim deploy` where the server has pgvector, with {vector} the schema
 -- pgvector lives in (every name of pgvector is qualified with it); without pgvector,
 -- ranking and similar_images search exactly (same results, linear time).
