@@ -208,11 +208,20 @@ def layouts_of(store, ids, wanted=None) -> np.ndarray:
     of zeros for an image without one."""
     found, _, matrix = store.feature_matrix(LAYOUT_KEY, wanted)
     layouts = np.zeros((len(ids), LAYOUT_DIM), np.float32)
-    if len(found) and len(ids):
-        at = np.minimum(np.searchsorted(ids, found), len(ids) - 1)
-        known = ids[at] == found
-        layouts[at[known]] = matrix[known]
+    if len(found):
+        rows, known = _rows_of(ids, found)
+        layouts[rows[known]] = matrix[known]
     return layouts
+
+
+def _rows_of(ids, wanted):
+    """``(rows, known)``: where each of ``wanted`` is in the sorted ``ids``, and whether it
+    is there at all."""
+    wanted = np.asarray(wanted, np.int64)
+    if len(ids) == 0:
+        return np.zeros(len(wanted), np.int64), np.zeros(len(wanted), bool)
+    rows = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+    return rows, ids[rows] == wanted
 
 
 def ranking_key(store, space: str, backbone, weights) -> str | None:
@@ -498,14 +507,13 @@ def _near_copies(store, key: str, vector, width: int, k: int, category, exclude,
     copies = [i for i, _ in store.nearest_features(
         LAYOUT_KEY, vector[end:], k, category=category, max_distance=NEAR_LAYOUT,
         exclude=exclude)] if np.any(vector[end:]) else []
-    query_category = int(np.argmax(vector[:width]))
+    query_category = predicted(vector, width)
     wanted = k
     while True:
         found = store.nearest_features(key, vector[width:end], wanted, category=category,
                                        max_distance=NEAR_SAME_CATEGORY, exclude=exclude)
-        found_ids = np.array([i for i, _ in found], np.int64)
-        rows = np.minimum(np.searchsorted(ids, found_ids), max(len(ids) - 1, 0))
-        same = (ids[rows] == found_ids) & (predictions[rows] == query_category)
+        rows, known = _rows_of(ids, [i for i, _ in found])
+        same = known & (predictions[rows] == query_category)
         by_features = [i for (i, d), s in zip(found, same) if d < NEAR_COPY or s]
         if len(by_features) >= k or len(found) < wanted:
             return copies + by_features
