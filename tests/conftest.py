@@ -196,7 +196,8 @@ def check_combined_search(store, monkeypatch) -> None:
     from imgsim.featurize import features_in_use
 
     key = features_in_use(store)
-    ids, categories, matrix, width = rank.space_vectors(store, "combined", key)
+    ids, categories, matrix, space = rank.space_vectors(store, "combined", key)
+    width = space.scores_dim
     read = []
     real = store.feature_matrix
     monkeypatch.setattr(store, "feature_matrix", lambda k, wanted=None: read.append(
@@ -212,7 +213,8 @@ def check_combined_search(store, monkeypatch) -> None:
     aside = np.random.default_rng(0).standard_normal(len(features)).astype(np.float32)
     aside -= (aside @ features) * features
     aside /= np.linalg.norm(aside)
-    moved = 0.85 * features + np.sqrt(1 - 0.85 ** 2) * aside  # 0.15 from image 0's
+    near = 1 - 0.75 * space.scale * rank.NEAR_SAME_CATEGORY  # 0.15 from image 0's at scale 1
+    moved = near * features + np.sqrt(1 - near ** 2) * aside
     blurred = rank.combined(unsure[None], moved[None])[0]
     # image 0's colour layout only: another category's scores, features opposite to image 0's
     halved = rank.combined(np.eye(width)[other][None], -features[None],
@@ -224,7 +226,7 @@ def check_combined_search(store, monkeypatch) -> None:
             read.clear()
             got = rank.nearest(store, vector, k, "combined", key, category, exclude=exclude)
             keep = (ids != exclude) & np.array([category in (None, c) for c in categories])
-            idx, dist = rank.top_k_cosine(vector[None], matrix[keep], k, scores_dim=width)
+            idx, dist = rank.top_k_cosine(vector[None], matrix[keep], k, combined_space=space)
             assert [g[0] for g in got] == ids[keep][idx[0]].tolist()
             assert [g[3] for g in got] == pytest.approx(dist[0].tolist(), abs=1e-5)
             if store.has_vectors() and k <= 5:  # a few nearest: part of the features
@@ -234,27 +236,28 @@ def check_combined_search(store, monkeypatch) -> None:
     assert [r[0] for r in rank.nearest(store, halved, 1, "combined", key)] == [ids[0]]
     assert rank.nearest(store, copy[:width], 1, "scores", key)[0][0] != ids[0]
     if store.has_vectors():
-        check_near_copies_from_the_index(store, key, ids, matrix, width)
+        check_near_copies_from_the_index(store, key, ids, matrix, space)
 
 
-def check_near_copies_from_the_index(store, key, ids, matrix, width) -> None:
+def check_near_copies_from_the_index(store, key, ids, matrix, space) -> None:
     """The index answers the near copies of a query whose nearest image by features, within
-    NEAR_SAME_CATEGORY but not NEAR_COPY, is predicted another category: it takes more
-    from the index until it has k near copies."""
+    NEAR_SAME_CATEGORY but not NEAR_COPY (both scaled), is predicted another category: it
+    takes more from the index until it has k near copies."""
     from imgsim import rank
 
+    width, scale = space.scores_dim, space.scale
     features = rank.unit_rows(matrix[:, width:matrix.shape[1] - rank.LAYOUT_DIM])
     predictions = rank.predicted(matrix, width)
     halfway = 1 - np.sqrt((1 + features @ features.T) / 2)  # from the mean of two images
     a, b = np.argwhere((predictions[:, None] != predictions[None, :])
-                       & (halfway > 0.12) & (halfway < 0.17))[0]
+                       & (halfway > 0.12 * scale) & (halfway < 0.17 * scale))[0]
     vector = rank.combined(matrix[a:a + 1, :width],
                            (features[a] + 1.1 * features[b])[None])[0]  # nearer b, a's scores
     d_features = 1 - features @ rank.unit_rows(vector[None, width:-rank.LAYOUT_DIM])[0]
-    assert rank.NEAR_COPY <= d_features[b] == d_features.min() < d_features[a]
-    near = (d_features < rank.NEAR_COPY) | ((predictions == predictions[a])
-                                           & (d_features < rank.NEAR_SAME_CATEGORY))
+    assert scale * rank.NEAR_COPY <= d_features[b] == d_features.min() < d_features[a]
+    near = (d_features < scale * rank.NEAR_COPY) | (
+        (predictions == predictions[a]) & (d_features < scale * rank.NEAR_SAME_CATEGORY))
     expected = ids[near][np.argsort(d_features[near], kind="stable")]
     for k in (1, 3):
-        got = rank._near_copies(store, key, vector, width, k, None, None, ids, predictions)
+        got = rank._near_copies(store, key, vector, space, k, None, None, ids, predictions)
         assert ids[b] not in got and set(expected[:k].tolist()) <= set(got)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from imgsim.rank import top_k_cosine
+from imgsim.rank import CombinedSpace, top_k_cosine
 
 
 def brute_force(q, c, k):
@@ -71,13 +71,14 @@ def test_similar_to_a_stored_image_and_filters(pipeline_store):
 
 def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
     """Combined distance = (d_scores + w d_features) / (1 + w); for near copies
-    (d_features < NEAR_COPY, or < NEAR_SAME_CATEGORY and one predicted category, or
-    d_layouts < NEAR_LAYOUT) (NEAR_COPY / NEAR_SAME_CATEGORY) w d_copy / (1 + w):
+    (d_features < s NEAR_COPY, or < s NEAR_SAME_CATEGORY and one predicted category, or
+    d_layouts < NEAR_LAYOUT) (NEAR_COPY / NEAR_SAME_CATEGORY) w d_copy / (1 + w), s the
+    training images' 1% quantile of feature distances over CLOSE_PAIRS, at most 1:
     where the classifier scores images alike (ties in score space), the features order
     them."""
     from imgsim.featurize import LAYOUT_KEY, features_in_use
-    from imgsim.rank import (FEATURE_WEIGHT as w, NEAR_COPY, NEAR_SAME_CATEGORY,
-                             NEAR_LAYOUT, similar_to, unit_rows)
+    from imgsim.rank import (CLOSE_PAIRS, FEATURE_WEIGHT as w, NEAR_COPY, NEAR_SAME_CATEGORY,
+                             NEAR_LAYOUT, near_scale, similar_to, unit_rows)
 
     ids, _, _, scores = pipeline_store.score_matrix()
     _, _, features = pipeline_store.feature_matrix(features_in_use(pipeline_store), ids)
@@ -86,10 +87,16 @@ def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
     d_scores = 1 - unit_rows(scores) @ unit_rows(scores)[0]
     d_features = 1 - unit_rows(features) @ unit_rows(features)[0]
     d_layouts = 1 - layouts @ layouts[0]
+    train = unit_rows(features[np.isin(ids, pipeline_store.split()[0])])
+    close = np.quantile((1 - train @ train.T)[np.triu_indices(len(train), 1)], 0.01)
+    recorded = pipeline_store.last_run("train_classifier")[2]["close_pair_distance"]
+    assert recorded == pytest.approx(close, abs=1e-4)
+    s = near_scale(pipeline_store)
+    assert s == pytest.approx(min(1.0, recorded / CLOSE_PAIRS))
     same = scores.argmax(axis=1) == scores[0].argmax()
-    near = ((d_features < NEAR_COPY) | (same & (d_features < NEAR_SAME_CATEGORY))
+    near = ((d_features < s * NEAR_COPY) | (same & (d_features < s * NEAR_SAME_CATEGORY))
             | (d_layouts < NEAR_LAYOUT))
-    d_copy = np.minimum(d_features, NEAR_COPY / NEAR_LAYOUT * d_layouts)
+    d_copy = np.minimum(d_features, s * NEAR_COPY / NEAR_LAYOUT * d_layouts)
     expected = np.where(near, NEAR_COPY / NEAR_SAME_CATEGORY * w * d_copy,
                         d_scores + w * d_features) / (1 + w)
     order = [n for n in np.argsort(expected, kind="stable") if n != 0][:8]
@@ -112,13 +119,14 @@ def test_near_copies_come_first_even_where_the_classifier_scores_them_apart():
                          [0.0, 0.0, 1.0]])   # scored apart, features 1 apart
     matrix = combined(scores, features)
     d_features = 1 - (features / np.linalg.norm(features, axis=1, keepdims=True)) @ [1, 0, 0]
-    index, distances = top_k_cosine(matrix[:1], matrix[1:], 3, scores_dim=2)
+    index, distances = top_k_cosine(matrix[:1], matrix[1:], 3, combined_space=CombinedSpace(2))
     assert index.tolist() == [[1, 0, 2]]  # the copy first, then the same-scored image
     half = NEAR_COPY / NEAR_SAME_CATEGORY
     want = [half * w * d_features[2], w * d_features[1], 1 + w * d_features[3]]
     assert distances[0] == pytest.approx(np.array(want) / (1 + w), abs=1e-6)
     assert distances[0] == pytest.approx(pair_distances(
-        np.repeat(matrix[:1], 3, axis=0), matrix[[2, 1, 3]], "cosine", scores_dim=2), abs=1e-6)
+        np.repeat(matrix[:1], 3, axis=0), matrix[[2, 1, 3]], "cosine", CombinedSpace(2)),
+        abs=1e-6)
     plain, _ = top_k_cosine(matrix[:1], matrix[1:], 3)  # one cosine: the copy comes second
     assert plain.tolist() == [[0, 1, 2]]
 
@@ -135,7 +143,7 @@ def test_a_copy_scored_less_surely_comes_first_within_its_predicted_category():
     scores = np.array([[1.0, 0.0], [0.6, 0.4], [1.0, 0.0], [0.4, 0.6]])
     features = np.array([at(0), at(0.15), at(0.25), at(0.15)])
     matrix = combined(scores, features)
-    index, distances = top_k_cosine(matrix[:1], matrix[1:], 3, scores_dim=2)
+    index, distances = top_k_cosine(matrix[:1], matrix[1:], 3, combined_space=CombinedSpace(2))
     # the copy predicted the query's category first; then the surely scored image 0.25
     # apart; the one predicted another category, as far in features as the copy, last
     assert index.tolist() == [[0, 1, 2]]
@@ -143,7 +151,7 @@ def test_a_copy_scored_less_surely_comes_first_within_its_predicted_category():
     want = [NEAR_COPY / NEAR_SAME_CATEGORY * w * 0.15, w * 0.25, d_scores + w * 0.15]
     assert distances[0] == pytest.approx(np.array(want) / (1 + w), abs=1e-6)
     assert distances[0] == pytest.approx(pair_distances(
-        np.repeat(matrix[:1], 3, axis=0), matrix[1:], "cosine", scores_dim=2), abs=1e-6)
+        np.repeat(matrix[:1], 3, axis=0), matrix[1:], "cosine", CombinedSpace(2)), abs=1e-6)
     assert top_k_cosine(matrix[:1], matrix[1:], 3)[0].tolist() == [[1, 0, 2]]
 
 
@@ -159,13 +167,13 @@ def test_a_copy_found_by_its_colour_layout_comes_first():
     scores = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     features = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, np.sqrt(0.51)]])
     matrix = combined(scores, features, layouts)
-    index, distances = top_k_cosine(matrix[:1], matrix[1:], 2, scores_dim=2)
+    index, distances = top_k_cosine(matrix[:1], matrix[1:], 2, combined_space=CombinedSpace(2))
     assert index.tolist() == [[0, 1]]  # layouts 0.02 apart; the other 0.1 apart, not near
     want = [NEAR_COPY / NEAR_SAME_CATEGORY * w * min(1.0, NEAR_COPY / NEAR_LAYOUT * 0.02),
             w * 0.3]
     assert distances[0] == pytest.approx(np.array(want) / (1 + w), abs=1e-6)
     assert top_k_cosine(matrix[:1], combined(scores, features)[1:], 2,
-                        scores_dim=2)[0].tolist() == [[1, 0]]  # without layouts
+                        combined_space=CombinedSpace(2))[0].tolist() == [[1, 0]]  # without layouts
 
 
 def test_combined_search_finds_near_copies_and_matches_a_full_ranking(pipeline_store,
@@ -173,3 +181,29 @@ def test_combined_search_finds_near_copies_and_matches_a_full_ranking(pipeline_s
     from conftest import check_combined_search
 
     check_combined_search(pipeline_store, monkeypatch)
+
+
+def test_on_a_crowded_collection_the_feature_thresholds_shrink():
+    """Where distinct images' features all lie within NEAR_COPY of each other (small
+    look-alike images), the thresholds scale with the collection's close pairs: the scores
+    decide between categories again, and a real copy still comes first."""
+    from imgsim.rank import CLOSE_PAIRS, close_pair_distance, combined
+
+    rng = np.random.default_rng(0)
+    base = np.zeros(64)
+    base[0] = 1.0
+    features = base + 0.2 * rng.standard_normal((40, 64)) / np.sqrt(64)  # ~0.02 apart
+    features[1] = features[0] + 1e-3 * rng.standard_normal(64)            # a copy of image 0
+    scores = np.eye(2)[np.arange(40) % 2]  # even images one category, odd the other
+    scores[1] = [0.3, 0.7]  # the copy, scored as the other category
+    close = close_pair_distance(features, seed=0)
+    assert close < 0.1 * CLOSE_PAIRS  # every distinct pair would pass for a copy at scale 1
+    matrix = combined(scores, features)
+    crowded = CombinedSpace(2, min(1.0, close / CLOSE_PAIRS))
+    index, _ = top_k_cosine(matrix[::2], matrix, 5, np.arange(0, 40, 2), np.arange(40),
+                            combined_space=crowded)
+    assert index[0, 0] == 1  # the copy first
+    assert all(row % 2 == 0 for row in index[1:].ravel()) and all(index[0, 1:] % 2 == 0)
+    unscaled, _ = top_k_cosine(matrix[::2], matrix, 5, np.arange(0, 40, 2), np.arange(40),
+                               combined_space=CombinedSpace(2))
+    assert any(row % 2 == 1 for row in unscaled[1:].ravel())  # by features alone: mixed

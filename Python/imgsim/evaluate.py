@@ -38,16 +38,16 @@ def distances_in(space: str) -> tuple[str, ...]:
 
 
 def pair_distances(a: np.ndarray, b: np.ndarray, distance: str,
-                   scores_dim: int | None = None) -> np.ndarray:
+                   combined_space: rank.CombinedSpace | None = None) -> np.ndarray:
     """Row-wise distance between ``a[i]`` and ``b[i]`` (``'l2'`` or ``'cosine'``); with
-    ``scores_dim``, the cosine distance of combined vectors (near copies first, see
+    ``combined_space``, the cosine distance of combined vectors (near copies first, see
     :mod:`imgsim.rank`)."""
     checks.choice("distance", distance, DISTANCES)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if distance == "l2":
         return np.linalg.norm(a - b, axis=1)
-    if scores_dim is not None:
-        return rank.combined_pair_distances(a, b, scores_dim)
+    if combined_space is not None:
+        return rank.combined_pair_distances(a, b, combined_space)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     norms = np.where(norms == 0, 1.0, norms)
     return 1.0 - np.einsum("ij,ij->i", a, b) / norms
@@ -108,7 +108,7 @@ def query_ranks(store, space: str = "combined", feature_key: str | None = None,
     pairs = np.array(store.evaluation_pairs(), dtype=np.int64).reshape(-1, 3)
     if len(pairs) == 0:
         raise lineage.StaleInputs("evaluation_images is empty: run prepare first")
-    ids, _, matrix, scores_dim = space_vectors(store, space, feature_key)
+    ids, _, matrix, combined_space = space_vectors(store, space, feature_key)
     row_of = {i: n for n, i in enumerate(ids.tolist())}
     missing = {int(i) for i in np.unique(pairs[:, :2]) if int(i) not in row_of}
     if missing:
@@ -122,7 +122,7 @@ def query_ranks(store, space: str = "combined", feature_key: str | None = None,
     for start in range(0, len(pairs), PAIR_CHUNK):  # not every pair's two vectors at once
         part = slice(start, start + PAIR_CHUNK)
         distances[part] = pair_distances(matrix[first[part]], matrix[second[part]], distance,
-                                         scores_dim)
+                                         combined_space)
     ranks = positive_ranks(pairs[:, 0], distances, pairs[:, 2])
     positives = pairs[pairs[:, 2] == 1]
     order = np.argsort(positives[:, 0], kind="stable")
@@ -161,7 +161,7 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
     query (ties count against the copy). The copies are featurized and scored with the
     current classifier's graphs."""
     queries = sorted({q for q, _, _ in store.evaluation_pairs()})
-    ids, _, matrix, scores_dim = space_vectors(store, space, feature_key)
+    ids, _, matrix, combined_space = space_vectors(store, space, feature_key)
     content = {i: sha for i, _, _, sha in store.image_info()}
     shas = np.array([content[i] for i in ids.tolist()])
     row_of = {i: n for n, i in enumerate(ids.tolist())}
@@ -177,10 +177,10 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
         copied = np.array([rank.query(store, copy, space).vector
                            for copy in edited_copies(data[query], budget)], np.float32)
         products = matrix @ matrix[row]
-        to_all = {"cosine": _cosine_to(matrix, norms, matrix[row], scores_dim),
+        to_all = {"cosine": _cosine_to(matrix, norms, matrix[row], combined_space),
                   "l2": np.sqrt(np.maximum(squares + squares[row] - 2 * products, 0))}
         to_copies = {"cosine": _cosine_to(copied, np.linalg.norm(copied, axis=1), matrix[row],
-                                          scores_dim),
+                                          combined_space),
                      "l2": np.sqrt(np.maximum(np.einsum("ij,ij->i", copied, copied)
                                               + squares[row] - 2 * copied @ matrix[row], 0))}
         for distance in ranks:
@@ -189,11 +189,11 @@ def copy_ranks(store, space: str, feature_key: str | None) -> dict[str, np.ndarr
     return {d: np.array(r, dtype=np.int64) for d, r in ranks.items()}
 
 
-def _cosine_to(rows, norms, vector, scores_dim):
+def _cosine_to(rows, norms, vector, combined_space):
     """Cosine distances of ``rows`` (their norms ``norms``) to ``vector``; with
-    ``scores_dim``, the combined distances of combined rows (near copies first)."""
-    if scores_dim is not None:
-        return rank.combined_distances(vector[None], rows, scores_dim)[0]
+    ``combined_space``, the combined distances of combined rows (near copies first)."""
+    if combined_space is not None:
+        return rank.combined_distances(vector[None], rows, combined_space)[0]
     norms = np.where(norms == 0, 1.0, norms)
     return 1.0 - rows @ (vector / max(np.linalg.norm(vector), 1e-30)) / norms
 

@@ -15,16 +15,19 @@ The ranking space is one of:
   among images the classifier scores alike (a confident classifier scores most of a
   category alike) the features decide, so the most similar come first instead of a tie
   broken by id. A *near copy* (the same picture cropped, mirrored, recoloured, resized) is
-  an image whose features are within ``NEAR_COPY`` cosine distance of the query's, or
-  within ``NEAR_SAME_CATEGORY`` where the classifier predicts one category for both (a
+  an image whose features are within ``s NEAR_COPY`` cosine distance of the query's, or
+  within ``s NEAR_SAME_CATEGORY`` where the classifier predicts one category for both (a
   copy it scores less surely than the original), or whose colour layout
   (:func:`imgsim.featurize.colour_layout`, the last columns of a combined row) is within
   ``NEAR_LAYOUT`` of the query's (a halved or recompressed copy, whose features
   moved). Its score distance is left out: its distance is
   ``(NEAR_COPY / NEAR_SAME_CATEGORY) w d_copy / (1 + w)``, with
-  ``d_copy = min(d_features, (NEAR_COPY / NEAR_LAYOUT) d_layout)``, below any other
-  image's distance (at least ``w NEAR_COPY / (1 + w)``), so near copies come first,
-  nearest first, even where the classifier scores them apart.
+  ``d_copy = min(d_features, s (NEAR_COPY / NEAR_LAYOUT) d_layout)``, below any other
+  image's distance (at least ``w s NEAR_COPY / (1 + w)``), so near copies come first,
+  nearest first, even where the classifier scores them apart. The feature thresholds were
+  chosen on the reference set, where ``s`` is 1; on a collection whose images' features lie
+  closer together ``s`` is smaller (:func:`near_scale`), or a collection of small
+  look-alike images (digits) would be mostly "near copies".
 - ``scores``: the classifier's score vectors alone (the template's).
 - ``features``: the backbone features alone.
 """
@@ -60,6 +63,13 @@ FEATURE_WEIGHT = 0.1
 NEAR_COPY = 0.1
 NEAR_SAME_CATEGORY = 0.2
 NEAR_LAYOUT = 0.03
+# The feature thresholds scale with a collection's close pairs: the 1% quantile of the
+# cosine distances between its training images' features (train_classifier measures it).
+# Reference set 0.29 (five seeds; 0.29 to 0.35 fine-tuned); 8 x 8 digits 0.033, where half
+# of all pairs are within 0.1 (default top-1 85% -> 19%, bench/RESULTS.md); fashion-mnist
+# 0.15. At or above CLOSE_PAIRS the thresholds are as chosen; below, in proportion.
+CLOSE_PAIRS = 0.25
+CLOSE_PAIRS_SAMPLE = 2000  # training images whose pairs are measured
 MAX_K = 1000
 MAX_QUERIES = 100_000
 MAX_RANKING_ROWS = 5_000_000  # a run's results; the results of the last KEEP_RANKINGS
@@ -72,13 +82,23 @@ def unit_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.where(norms == 0, 1.0, norms)
 
 
+@dataclass(frozen=True)
+class CombinedSpace:
+    """How combined rows are compared: their first ``scores_dim`` columns are scores, and
+    the feature near-copy thresholds are ``scale`` times ``NEAR_COPY`` and
+    ``NEAR_SAME_CATEGORY`` (:func:`near_scale`)."""
+
+    scores_dim: int
+    scale: float = 1.0
+
+
 def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None,
-                 block: int = 1024, between_blocks=None, scores_dim: int | None = None):
+                 block: int = 1024, between_blocks=None,
+                 combined_space: CombinedSpace | None = None):
     """Top-``k`` candidates of each query by cosine distance.
 
-    With ``scores_dim``, rows are combined vectors (:func:`combined`; their first
-    ``scores_dim`` columns the scores), compared as they are, near copies first (module
-    docstring).
+    With ``combined_space``, rows are combined vectors (:func:`combined`), compared as it
+    says, near copies first (module docstring).
     When both id arrays are given, a candidate with the query's own id is excluded.
     ``between_blocks()`` is called before each block of queries (to answer a cancel).
     Returns ``(indices, distances)``, both ``(n_queries, min(k, n))``, best first;
@@ -90,7 +110,7 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
     >>> idx.tolist()
     [[1]]
     """
-    if scores_dim is None:
+    if combined_space is None:
         q, c = unit_rows(queries), unit_rows(candidates)
     else:
         q, c = np.asarray(queries, np.float32), np.asarray(candidates, np.float32)
@@ -105,8 +125,9 @@ def top_k_cosine(queries, candidates, k: int, query_ids=None, candidate_ids=None
         for start in range(0, len(q), block):
             if between_blocks is not None:
                 between_blocks()
-            sims = (q[start:start + block] @ c.T if scores_dim is None else
-                    np.subtract(1, combined_distances(q[start:start + block], c, scores_dim)))
+            sims = (q[start:start + block] @ c.T if combined_space is None else
+                    np.subtract(1, combined_distances(q[start:start + block], c,
+                                                      combined_space)))
             if exclude:
                 own = np.asarray(query_ids)[start:start + block, None]
                 sims[own == np.asarray(candidate_ids)[None, :]] = -np.inf
@@ -143,15 +164,17 @@ def combined(scores: np.ndarray, features: np.ndarray, layouts=None) -> np.ndarr
                       np.asarray(layouts, np.float32)])
 
 
-def combined_distance(by_scores, by_features, by_layouts, same_category):
+def combined_distance(by_scores, by_features, by_layouts, same_category, scale: float):
     """The combined distance from the cosines of two images' scores, features and colour layouts
-    and whether the classifier predicts one category for both (module docstring)."""
+    and whether the classifier predicts one category for both, the feature thresholds
+    ``scale`` times their value (module docstring)."""
     w = FEATURE_WEIGHT
     d_features = 1 - by_features
     d_layouts = 1 - by_layouts
-    near = ((d_features < NEAR_COPY) | (same_category & (d_features < NEAR_SAME_CATEGORY))
+    near = ((d_features < scale * NEAR_COPY)
+            | (same_category & (d_features < scale * NEAR_SAME_CATEGORY))
             | (d_layouts < NEAR_LAYOUT))
-    copy = np.minimum(d_features, NEAR_COPY / NEAR_LAYOUT * d_layouts)
+    copy = np.minimum(d_features, scale * NEAR_COPY / NEAR_LAYOUT * d_layouts)
     return np.where(near, NEAR_COPY / NEAR_SAME_CATEGORY * w * copy,
                     1 - by_scores + w * d_features) / (1 + w)
 
@@ -161,20 +184,20 @@ def predicted(rows, scores_dim: int) -> np.ndarray:
     return np.argmax(rows[..., :scores_dim], axis=-1)
 
 
-def combined_distances(queries, candidates, scores_dim: int) -> np.ndarray:
+def combined_distances(queries, candidates, space: CombinedSpace) -> np.ndarray:
     """:func:`combined_distance` of every combined row of ``queries`` to every one of
-    ``candidates`` (``scores_dim`` score columns)."""
-    s, f = scores_dim, queries.shape[1] - LAYOUT_DIM
+    ``candidates``."""
+    s, f = space.scores_dim, queries.shape[1] - LAYOUT_DIM
     return combined_distance(
         queries[:, :s] @ candidates[:, :s].T,
         queries[:, s:f] @ candidates[:, s:f].T / np.float32(FEATURE_WEIGHT),
         queries[:, f:] @ candidates[:, f:].T,
-        predicted(queries, s)[:, None] == predicted(candidates, s)[None, :])
+        predicted(queries, s)[:, None] == predicted(candidates, s)[None, :], space.scale)
 
 
-def combined_pair_distances(a, b, scores_dim: int) -> np.ndarray:
+def combined_pair_distances(a, b, space: CombinedSpace) -> np.ndarray:
     """:func:`combined_distance` of each combined row of ``a`` to the same row of ``b``."""
-    s, f = scores_dim, a.shape[1] - LAYOUT_DIM
+    s, f = space.scores_dim, a.shape[1] - LAYOUT_DIM
 
     def products(part):
         return np.einsum("ij,ij->i", a[:, part], b[:, part])
@@ -182,14 +205,14 @@ def combined_pair_distances(a, b, scores_dim: int) -> np.ndarray:
     return combined_distance(products(slice(0, s)),
                              products(slice(s, f)) / FEATURE_WEIGHT,
                              products(slice(f, None)),
-                             predicted(a, s) == predicted(b, s))
+                             predicted(a, s) == predicted(b, s), space.scale)
 
 
 def space_vectors(store, space: str, key: str | None, ids=None):
-    """``(ids, categories, matrix, scores_dim)`` of every image's vector in ``space`` (of
-    images ``ids`` only, when given): the classifier's scores, the features kept under
-    ``key`` (the classifier's, in the combined space), or both combined; ``scores_dim``,
-    in the combined space only, is the number of score columns (else None)."""
+    """``(ids, categories, matrix, combined_space)`` of every image's vector in ``space``
+    (of images ``ids`` only, when given): the classifier's scores, the features kept under
+    ``key`` (the classifier's, in the combined space), or both combined; ``combined_space``
+    (:class:`CombinedSpace`) in the combined space only (else None)."""
     if space == "features":
         return (*store.feature_matrix(key, ids), None)
     found, categories, _, matrix = store.score_matrix(ids)
@@ -200,7 +223,30 @@ def space_vectors(store, space: str, key: str | None, ids=None):
     rows = np.searchsorted(with_features, found[keep])
     return (found[keep], [c for c, k in zip(categories, keep) if k],
             combined(matrix[keep], features[rows], layouts_of(store, found[keep], ids)),
-            matrix.shape[1])
+            CombinedSpace(matrix.shape[1], near_scale(store)))
+
+
+def close_pair_distance(features, seed: int) -> float:
+    """The 1% quantile of the cosine distances between pairs of ``features`` rows (of
+    ``CLOSE_PAIRS_SAMPLE`` rows drawn with ``seed`` where there are more): how close the
+    images of a collection come to each other."""
+    if len(features) > CLOSE_PAIRS_SAMPLE:
+        features = features[np.sort(np.random.default_rng(seed).choice(
+            len(features), CLOSE_PAIRS_SAMPLE, replace=False))]
+    rows = unit_rows(features)
+    upper = np.triu_indices(len(rows), 1)
+    if len(upper[0]) == 0:
+        return CLOSE_PAIRS
+    return float(np.quantile(1 - (rows @ rows.T)[upper], 0.01))
+
+
+def near_scale(store) -> float:
+    """The scale of the feature near-copy thresholds in ``store``'s combined space: the
+    current classifier's ``close_pair_distance`` over ``CLOSE_PAIRS``, at most 1 (1 for a
+    classifier trained before it was measured)."""
+    train = store.last_run("train_classifier")
+    close = train[2].get("close_pair_distance") if train is not None else None
+    return 1.0 if close is None else min(1.0, close / CLOSE_PAIRS)
 
 
 def layouts_of(store, ids, wanted=None) -> np.ndarray:
@@ -288,7 +334,7 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "combined",
                     "(set_query_images; an empty list ranks the test images)")
         used = lineage.inputs(store, space, key, from_split)  # before the split's queries
         query_ids = chosen or store.query_ids(query_table)
-        ids, _, matrix, scores_dim = space_vectors(store, space, key)
+        ids, _, matrix, combined_space = space_vectors(store, space, key)
         if len(ids) == 0:
             raise lineage.StaleInputs(
                 f"no image has {space} vectors: run " + (
@@ -308,7 +354,8 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "combined",
                 f"{len(query_ids)} queries x {min(top_k, len(ids))} candidates is over the "
                 f"limit of {MAX_RANKING_ROWS} rows: choose fewer queries or a smaller "
                 "top_k_candidates")
-        block = settings.budget(store).ranking_block(len(ids), 8 if scores_dim is None else 48)
+        block = settings.budget(store).ranking_block(len(ids),
+                                                     8 if combined_space is None else 48)
         written = 0
         with store.transaction():  # results stream out a block of queries at a time
             run.start()
@@ -318,7 +365,7 @@ def rank_candidates(store, top_k_candidates: int = 10, space: str = "combined",
                 indices, distances = top_k_cosine(
                     matrix[[row_of[i] for i in chunk]], matrix, top_k,
                     None if include_self else np.array(chunk),
-                    None if include_self else ids, block=block, scores_dim=scores_dim)
+                    None if include_self else ids, block=block, combined_space=combined_space)
                 rows = [(q, r + 1, int(ids[c]), float(d)) for q, idx, dist in
                         zip(chunk, indices, distances)
                         for r, (c, d) in enumerate(zip(idx, dist))]
@@ -450,13 +497,13 @@ def nearest(store, vector, k: int = 10, space: str = "combined",
         found = store.nearest_features(feature_key, vector, k, category=category,
                                        max_distance=max_distance, exclude=exclude)
     else:
-        ids, categories, matrix, scores_dim = (
+        ids, categories, matrix, combined_space = (
             _combined_candidates(store, vector, k, feature_key, category, exclude)
             if space == "combined" else space_vectors(store, space, feature_key))
         keep = _kept(ids, categories, category, exclude)
         ids, matrix = ids[keep], matrix[keep]
         indices, distances = top_k_cosine(np.asarray(vector)[None], matrix, k,
-                                          scores_dim=scores_dim)
+                                          combined_space=combined_space)
         found = [(int(ids[i]), float(d)) for i, d in zip(indices[0], distances[0])
                  if max_distance is None or d <= max_distance]
     info = {i: (p, c) for i, p, c, _ in store.image_info([i for i, _ in found])}
@@ -464,7 +511,7 @@ def nearest(store, vector, k: int = 10, space: str = "combined",
 
 
 def _combined_candidates(store, vector, k: int, key: str, category, exclude):
-    """``(ids, categories, combined matrix, scores_dim)`` of the images that can be among
+    """``(ids, categories, combined matrix, combined_space)`` of the images that can be among
     the ``k`` nearest ``vector`` in the combined space. Without pgvector, every image:
     near copies are found by their features and colour layouts alone. With it, near copies
     come from the feature and colour layout indexes (:func:`_near_copies`), and the others'
@@ -480,30 +527,32 @@ def _combined_candidates(store, vector, k: int, key: str, category, exclude):
     ids, scores = ids[keep], scores[keep]
     categories = [c for c, kept in zip(categories, keep) if kept]
     width = scores.shape[1]
+    space = CombinedSpace(width, near_scale(store))
     vector = np.asarray(vector, np.float32)
     by_scores = 1.0 - unit_rows(scores) @ vector[:width]
     first = np.sort(np.argsort(by_scores, kind="stable")[:k])  # by id, as features come
     found, matrix = _combined_rows(store, key, ids[first], scores[first])
     if len(found) < len(first):  # some lack features: every image, the plain way
         return space_vectors(store, "combined", key)
-    near = combined_distances(vector[None], matrix, width)[0]
+    near = combined_distances(vector[None], matrix, space)[0]
     bound = (1 + FEATURE_WEIGHT) * float(near.max(initial=0.0)) + 1e-6
-    copies = _near_copies(store, key, vector, width, k, category, exclude, ids,
+    copies = _near_copies(store, key, vector, space, k, category, exclude, ids,
                           predicted(scores, width))
     rows = np.flatnonzero((by_scores <= bound) | np.isin(ids, copies))
     found, matrix = _combined_rows(store, key, ids[rows], scores[rows])
     rows = rows[np.isin(ids[rows], found)]
-    return ids[rows], [categories[r] for r in rows], matrix, width
+    return ids[rows], [categories[r] for r in rows], matrix, space
 
 
-def _near_copies(store, key: str, vector, width: int, k: int, category, exclude, ids,
-                 predictions) -> list[int]:
-    """Ids of the near copies of combined ``vector`` (``width`` score columns) that can be
-    among its ``k`` nearest, from the indexes: the ``k`` nearest colour layouts within
-    ``NEAR_LAYOUT``, and the nearest features within ``NEAR_SAME_CATEGORY``, as many as
-    it takes to find ``k`` near copies (within ``NEAR_COPY``, or predicted the query's
-    category: ``predictions`` are those of the images ``ids``, which are sorted)."""
-    end = len(vector) - LAYOUT_DIM
+def _near_copies(store, key: str, vector, space: CombinedSpace, k: int, category, exclude,
+                 ids, predictions) -> list[int]:
+    """Ids of the near copies of combined ``vector`` that can be among its ``k`` nearest,
+    from the indexes: the ``k`` nearest colour layouts within ``NEAR_LAYOUT``, and the
+    nearest features within ``NEAR_SAME_CATEGORY`` (both feature thresholds times
+    ``space.scale``), as many as it takes to find ``k`` near copies (within ``NEAR_COPY``,
+    or predicted the query's category: ``predictions`` are those of the images ``ids``,
+    which are sorted)."""
+    width, end = space.scores_dim, len(vector) - LAYOUT_DIM
     copies = [i for i, _ in store.nearest_features(
         LAYOUT_KEY, vector[end:], k, category=category, max_distance=NEAR_LAYOUT,
         exclude=exclude)] if np.any(vector[end:]) else []
@@ -511,10 +560,12 @@ def _near_copies(store, key: str, vector, width: int, k: int, category, exclude,
     wanted = k
     while True:
         found = store.nearest_features(key, vector[width:end], wanted, category=category,
-                                       max_distance=NEAR_SAME_CATEGORY, exclude=exclude)
+                                       max_distance=space.scale * NEAR_SAME_CATEGORY,
+                                       exclude=exclude)
         rows, known = _rows_of(ids, [i for i, _ in found])
         same = known & (predictions[rows] == query_category)
-        by_features = [i for (i, d), s in zip(found, same) if d < NEAR_COPY or s]
+        by_features = [i for (i, d), s in zip(found, same)
+                       if d < space.scale * NEAR_COPY or s]
         if len(by_features) >= k or len(found) < wanted:
             return copies + by_features
         wanted *= 4

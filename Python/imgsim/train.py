@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-from . import checks, finetune, lineage
+from . import checks, finetune, lineage, rank
 from .featurize import feature_key, featurize_images, onnx_session
 from .prepare import DEFAULT_SEED
 from .runs import recorded, stepwise
@@ -121,7 +121,10 @@ def train_classifier(store, backbone: str | None = None, weights=None,
     images are held out of the tuning: the best epoch on them is kept, and the tuned
     backbone is used only when a classifier on its features beats one on the frozen
     backbone's there (0: nothing held out, the tuned backbone always used). The
-    classifier is then fitted on all the training images.
+    classifier is then fitted on all the training images. The run also records how close
+    the training images' features come to each other (``close_pair_distance``), which
+    scales the near-copy thresholds of the combined ranking space
+    (:func:`imgsim.rank.near_scale`).
 
     Returns
     -------
@@ -199,6 +202,7 @@ def train_classifier(store, backbone: str | None = None, weights=None,
         name = f"{kind}-run{run.id}@{key}"
         predicted = np.array(Classifier(graph, classes).predict(matrix)[0], dtype=object)
         train_acc = float(np.mean(predicted[train_rows] == labels[train_rows]))
+        close_pairs = rank.close_pair_distance(matrix[train_rows], seed)
         test_acc = float(np.mean(predicted[test_rows] == labels[test_rows])) if test_rows else None
         metadata = {"kind": kind, "feature_key": key, "backbone": backbone, "classes": classes,
                     "train_accuracy": train_acc, "test_accuracy": test_acc, "seed": seed,
@@ -211,6 +215,7 @@ def train_classifier(store, backbone: str | None = None, weights=None,
                         split_digest=split[2]["split_digest"], train_accuracy=train_acc,
                         test_accuracy=test_acc, classes=len(classes), scored=scored,
                         train_images=len(train_rows), test_images=len(test_rows),
+                        close_pair_distance=round(close_pairs, 4),
                         **({"fine_tune": tuned} if fine_tune else {}))
     return {"model": name, "feature_key": key, "prepare_run": split[0],
             "train_accuracy": train_acc, "test_accuracy": test_acc, "classes": classes,
