@@ -36,6 +36,8 @@ def main():
             figures.setdefault("train_seconds", []).append(time.perf_counter() - start)
             figures.setdefault("train_accuracy", []).append(trained["train_accuracy"])
             figures.setdefault("test_accuracy", []).append(trained["test_accuracy"])
+            figures.setdefault("close_pair_distance", []).append(
+                store.last_run("train_classifier")[2]["close_pair_distance"])
             for space in ("combined", "scores", "features"):
                 for m in evaluate_model(store, ks=KS, space=space, copies=True):
                     if m["measure"] == "copy":

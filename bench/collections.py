@@ -1,7 +1,8 @@
 """Fine-tuning on labeled collections other than the reference set, which none of its
 settings were chosen on: per seed, the default classifier and the fine-tuned one, their
-test accuracy, the template's cosine top-k (combined space) and train_classifier's
-seconds, and which backbone the fine-tune kept.
+test accuracy, the template's cosine top-k and edited copies ranked first (combined
+space), the training images' close pairs, train_classifier's seconds, and which backbone
+the fine-tune kept.
 
     python -m bench.collections fashion-mnist|digits [SEEDS...]
 
@@ -55,12 +56,16 @@ def write_folder(name: str, out: Path) -> int:
     return written
 
 
-def top_k(store) -> dict:
+def figures(store) -> dict:
+    """Cosine top-k of the template's evaluation and edited copies ranked first (combined
+    space), and the training images' close pairs (which scale the near-copy thresholds)."""
     from imgsim import evaluate_model
 
-    return {f"top{m['k']}": m["accuracy"]
-            for m in evaluate_model(store, ks=KS, space="combined")
-            if m["distance"] == "cosine"}
+    found = {"copy" if m["measure"] == "copy" else f"top{m['k']}": m["accuracy"]
+             for m in evaluate_model(store, ks=KS, space="combined", copies=True)
+             if m["distance"] == "cosine"}
+    close = store.last_run("train_classifier")[2]["close_pair_distance"]
+    return {**found, "close_pair_distance": close}
 
 
 def main():
@@ -84,7 +89,7 @@ def main():
                 begun = time.perf_counter()
                 trained = train_classifier(store, seed=seed, fine_tune=fine_tune)
                 row[way] = {"train_seconds": time.perf_counter() - begun,
-                            "test_accuracy": trained["test_accuracy"], **top_k(store)}
+                            "test_accuracy": trained["test_accuracy"], **figures(store)}
                 if fine_tune:
                     row[way]["fine_tune"] = trained["fine_tune"]
             result["seeds"][seed] = row
