@@ -92,7 +92,7 @@ def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
     recorded = pipeline_store.last_run("train_classifier")[2]["close_pair_distance"]
     assert recorded == pytest.approx(close, abs=1e-4)
     s = near_scale(pipeline_store)
-    assert s == pytest.approx(min(1.0, recorded / CLOSE_PAIRS))
+    assert s == pytest.approx(min(1.0, recorded / CLOSE_PAIRS)) and s < 1
     same = scores.argmax(axis=1) == scores[0].argmax()
     near = ((d_features < s * NEAR_COPY) | (same & (d_features < s * NEAR_SAME_CATEGORY))
             | (d_layouts < NEAR_LAYOUT))
@@ -207,3 +207,20 @@ def test_on_a_crowded_collection_the_feature_thresholds_shrink():
     unscaled, _ = top_k_cosine(matrix[::2], matrix, 5, np.arange(0, 40, 2), np.arange(40),
                                combined_space=CombinedSpace(2))
     assert any(row % 2 == 1 for row in unscaled[1:].ravel())  # by features alone: mixed
+
+
+def test_a_classifier_trained_before_close_pairs_were_measured_gets_them_measured(
+        pipeline_store):
+    from sqlalchemy import update
+
+    from imgsim.rank import near_scale
+    from imgsim.store import tables
+
+    run_id, _, counts, _ = pipeline_store.last_run("train_classifier")
+    scale = near_scale(pipeline_store)
+    older = {k: v for k, v in counts.items() if k != "close_pair_distance"}
+    with pipeline_store.transaction():
+        pipeline_store._write(update(tables.runs).where(tables.runs.c.id == run_id)
+                              .values(counts=older))
+    assert "close_pair_distance" not in pipeline_store.last_run("train_classifier")[2]
+    assert near_scale(pipeline_store) == pytest.approx(scale, abs=1e-3)

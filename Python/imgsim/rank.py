@@ -242,11 +242,16 @@ def close_pair_distance(features, seed: int) -> float:
 
 def near_scale(store) -> float:
     """The scale of the feature near-copy thresholds in ``store``'s combined space: the
-    current classifier's ``close_pair_distance`` over ``CLOSE_PAIRS``, at most 1 (1 for a
-    classifier trained before it was measured)."""
+    current classifier's ``close_pair_distance`` over ``CLOSE_PAIRS``, at most 1 (for a
+    classifier trained before train measured it, measured here)."""
     train = store.last_run("train_classifier")
-    close = train[2].get("close_pair_distance") if train is not None else None
-    return 1.0 if close is None else min(1.0, close / CLOSE_PAIRS)
+    if train is None:
+        return 1.0
+    close = train[2].get("close_pair_distance")
+    if close is None:
+        _, _, features = store.feature_matrix(train[2]["feature_key"], store.split()[0])
+        close = round(close_pair_distance(features, train[3]), 4)
+    return min(1.0, close / CLOSE_PAIRS)
 
 
 def layouts_of(store, ids, wanted=None) -> np.ndarray:
