@@ -73,7 +73,7 @@ def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
     """Combined distance = (d_scores + w d_features) / (1 + w); for near copies
     (d_features < s NEAR_COPY, or < s NEAR_SAME_CATEGORY and one predicted category, or
     d_layouts < NEAR_LAYOUT) (NEAR_COPY / NEAR_SAME_CATEGORY) w d_copy / (1 + w), s the
-    training images' 1% quantile of feature distances over CLOSE_PAIRS, at most 1:
+    distinct training images' 1% quantile of feature distances over CLOSE_PAIRS, at most 1:
     where the classifier scores images alike (ties in score space), the features order
     them."""
     from imgsim.featurize import LAYOUT_KEY, features_in_use
@@ -87,7 +87,7 @@ def test_the_combined_space_orders_by_scores_then_features(pipeline_store):
     d_scores = 1 - unit_rows(scores) @ unit_rows(scores)[0]
     d_features = 1 - unit_rows(features) @ unit_rows(features)[0]
     d_layouts = 1 - layouts @ layouts[0]
-    train = unit_rows(features[np.isin(ids, pipeline_store.split()[0])])
+    train = unit_rows(np.unique(features[np.isin(ids, pipeline_store.split()[0])], axis=0))
     close = np.quantile((1 - train @ train.T)[np.triu_indices(len(train), 1)], 0.01)
     recorded = pipeline_store.last_run("train_classifier")[2]["close_pair_distance"]
     assert recorded == pytest.approx(close, abs=1e-4)
@@ -207,6 +207,10 @@ def test_on_a_crowded_collection_the_feature_thresholds_shrink():
     unscaled, _ = top_k_cosine(matrix[::2], matrix, 5, np.arange(0, 40, 2), np.arange(40),
                                combined_space=CombinedSpace(2))
     assert any(row % 2 == 1 for row in unscaled[1:].ravel())  # by features alone: mixed
+    spread = rng.standard_normal((40, 64))  # a collection whose images lie apart
+    assert close_pair_distance(spread, seed=0) > CLOSE_PAIRS
+    copies = np.vstack([spread, np.repeat(spread[:10], 4, axis=0)])  # 3% of pairs: copies
+    assert close_pair_distance(copies, seed=0) == close_pair_distance(spread, seed=0)
 
 
 def test_a_classifier_trained_before_close_pairs_were_measured_gets_them_measured(
