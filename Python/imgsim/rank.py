@@ -253,8 +253,11 @@ def near_scale(store) -> float:
     if train is None:
         return 1.0
     close = train[2].get("close_pair_distance")
-    if close is None:
-        _, _, features = store.feature_matrix(train[2]["feature_key"], store.split()[0])
+    if close is None:  # read a sample's features only, not every training image's
+        ids = store.split()[0]
+        if len(ids) > CLOSE_PAIRS_SAMPLE:
+            ids = np.random.default_rng(train[3]).choice(ids, CLOSE_PAIRS_SAMPLE, replace=False)
+        _, _, features = store.feature_matrix(train[2]["feature_key"], ids)
         close = round(close_pair_distance(features, train[3]), 4)
     return min(1.0, close / CLOSE_PAIRS)
 
