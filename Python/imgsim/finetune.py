@@ -37,9 +37,13 @@ of at least 70%, five seeds: 258 s, 87.8% / 62.3%; the top stages trained on ran
 crops of the 18 x 18 trunk outputs (seed 0): 229 s against 301 s, 87.6% both, combined top-1
 60.0% against 65.9%. Not kept: they trade accuracy for time.
 Tuning only the last stage was 3x faster but 11 points worse at top-1 (one seed); tuning
-three stages was 2x slower and no better (one seed); mirrored test-time views gave no
-consistent gain (two seeds); bfloat16 autocast and batches of 64 trained no faster than
-float32 batches of 32.
+from the third block of the 192-channel stage on was 0.89x the time (259 s against 290 s)
+and 2.3 points worse at top-1 (63.6% against 65.9%, seed 0); tuning three stages was 2x
+slower and no better (one seed); mirrored test-time views gave no consistent gain (two
+seeds); bfloat16 autocast, batches of 64 and batch-norm statistics frozen at the
+pretrained ones trained no faster than float32 batches of 32. Half the training step is
+oneDNN's convolution backward (the depthwise weight gradient takes ~9x its forward; no
+torch formulation of it measured faster).
 Torch is needed (the ``export`` extra); the database server does not have it, so
 fine-tuning runs from a client against the database's store.
 """
