@@ -1,12 +1,12 @@
 """sync_image_folder mirrors a folder: additions, changes, removals with everything
-derived from them, names that are not UTF-8, links leading out, another folder."""
+derived from them, names that are not UTF-8, links (never followed), another folder."""
 
 import os
 
 import pytest
 from sqlalchemy import func, select
 
-from imgsim import featurize_images, prepare_data, run_image_similarity, sync_image_folder
+from imgsim import featurize_images, files, prepare_data, run_image_similarity, sync_image_folder
 from imgsim import sync as sync_module
 from imgsim.store import tables as t
 
@@ -79,7 +79,7 @@ def test_a_name_that_is_not_utf8_is_recorded_and_everything_else_loaded(small_fo
     assert errors == {"zebra/bad\ufffd.jpg": "the file name is not valid UTF-8: rename it"}
 
 
-def test_links_out_of_the_folder_are_refused_and_recorded(small_folder, empty_store, tmp_path):
+def test_links_are_recorded_and_never_followed(small_folder, empty_store, tmp_path):
     outside = tmp_path / "secret"
     outside.mkdir()
     (outside / "passwd.jpg").write_bytes(b"root:x:0:0")
@@ -88,15 +88,36 @@ def test_links_out_of_the_folder_are_refused_and_recorded(small_folder, empty_st
     os.symlink(small_folder / "zebra" / "zebra_000.jpg", small_folder / "argyle" / "inside.jpg")
     os.symlink(small_folder / "zebra", small_folder / "zebra2")  # its images twice over
     counts = sync_image_folder(empty_store, small_folder, progress=False)
-    assert counts["refused"] == 3 and counts["added"] == 13  # the file link inside is fine
+    assert counts["refused"] == 4 and counts["added"] == 12
     stored = paths(empty_store)
     assert "zebra/passwd.jpg" not in stored and not [p for p in stored if "elsewhere" in p]
     assert b"root:x:0:0" not in b"".join(empty_store.image_data(
         [i for i, _, _, _ in empty_store.image_info()]).values())
     reasons = {p: r for p, _, r, _ in empty_store.image_error_rows()}
-    assert "outside the synced folder" in reasons["zebra/passwd.jpg"]
-    assert "outside the synced folder" in reasons["elsewhere"]
-    assert reasons["zebra2"] == "a link to a folder (not followed)"
+    assert {p: reasons[p] for p in ("zebra/passwd.jpg", "elsewhere", "argyle/inside.jpg",
+                                    "zebra2")} == dict.fromkeys(
+        ("zebra/passwd.jpg", "elsewhere", "argyle/inside.jpg", "zebra2"),
+        "a symbolic link (not followed)")  # the same, wherever it leads
+
+
+def test_a_link_swapped_in_after_the_listing_leads_nowhere(small_folder, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "zebra_000.jpg").write_bytes(b"a secret")
+    fd = files.open_exact(small_folder, folder=True)
+    try:
+        listing = sync_module.list_image_files(fd)
+        assert ("zebra/zebra_000.jpg", "zebra") in listing.found
+        assert sync_module._read(fd, "zebra/zebra_000.jpg")[:2] == b"\xff\xd8"
+        (small_folder / "zebra").rename(tmp_path / "zebra-moved")
+        (small_folder / "zebra").symlink_to(outside)
+        with pytest.raises(OSError):
+            sync_module._read(fd, "zebra/zebra_000.jpg")
+        again = sync_module.list_image_files(fd)
+        assert not [rel for rel, _ in again.found if rel.startswith("zebra/")]
+        assert ("zebra", sync_module.LINK) in again.refused
+    finally:
+        os.close(fd)
 
 
 def test_a_file_over_the_size_limit_is_recorded(small_folder, empty_store, monkeypatch):

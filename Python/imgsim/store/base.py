@@ -183,8 +183,9 @@ class Store:
         return f"{getpass.getuser()}@{socket.gethostname()} (pid {os.getpid()})"
 
     def readable_path(self, path, what: str = "path") -> Path:
-        """A file or folder a step may read: on a client, any the client's user can."""
-        return Path(path)
+        """A file or folder a step may read, resolved: on a client, any the client's user
+        can."""
+        return Path(os.path.realpath(path))
 
     def shared_only(self) -> bool:
         """Whether steps may read only files every user of the machine may read (inside

@@ -30,7 +30,7 @@ from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Select
 
-from .. import settings
+from .. import files, settings
 from . import tables as t
 from .base import LEASE_KEY, Store, now
 
@@ -174,15 +174,17 @@ class PlpyStore(Store):
             raise PathNotAllowed(f"{what} must be a path on the server; got {path!r}")
         if not os.path.isabs(path):
             raise PathNotAllowed(f"{what} must be an absolute path on the server; got {path!r}")
-        real = Path(os.path.realpath(path))
         if self._reads_server_files():
-            return real
+            return Path(os.path.realpath(path))
         roots = settings.read(self)["allowed_folders"]
-        if not settings.is_inside(path, roots):
+        real = files.beneath(path, roots)
+        if real is None:
             raise PathNotAllowed(
-                f"{what} {path!r} is not inside a folder the DBA allowed imgsim to read "
+                f"{what} {path!r} is not inside a folder the DBA allowed imgsim to read, "
+                "reached through no link "
                 f"(allowed_folders: {', '.join(roots) or 'none'}); the DBA sets them with "
                 "imgsim deploy --allow-folder")
+        real = Path(real)
         if real.is_file() and not shared(real):
             raise PathNotAllowed(f"{what} {path!r} is not readable by every user of the "
                                  "server: imgsim does not read files private to it")

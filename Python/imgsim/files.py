@@ -1,0 +1,86 @@
+"""Opening files and folders without being led elsewhere by links.
+
+Inside the server, a caller who may not read the server's files names paths inside the
+folders the DBA allowed. A link there could lead the server out, and so could a link
+swapped in between a check and an open. So below an allowed folder no link is followed;
+a folder is opened once and what lies beneath it is opened relative to it, one component
+at a time, never through a link; and a file named by a checked path is opened only where
+that path leads, with no link on the way. Nothing is opened in a way that could block (a
+pipe put in a file's place is refused, not waited on).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+FILE_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+          | getattr(os, "O_CLOEXEC", 0))
+FOLDER_FLAGS = FILE_FLAGS | getattr(os, "O_DIRECTORY", 0)
+
+
+def beneath(path, roots) -> str | None:
+    """``path`` as a real path if it is one of ``roots`` or lies below one with no link
+    and no ``..`` on the way below it; else None. Nothing below a root is resolved, so
+    the answer says nothing of where a link there leads, nor of paths outside."""
+    path = os.fspath(path)
+    if not os.path.isabs(path) or ".." in path.split(os.sep):
+        return None
+    path = os.path.normpath(path)
+    for root in roots:
+        base = os.path.normpath(root)
+        if path != base and not path.startswith(base.rstrip(os.sep) + os.sep):
+            continue
+        real = os.path.realpath(base)
+        below = [part for part in path[len(base):].split(os.sep) if part]
+        for depth in range(1, len(below) + 1):
+            try:
+                if stat.S_ISLNK(os.lstat(os.path.join(real, *below[:depth])).st_mode):
+                    return None
+            except OSError:
+                break  # it does not exist (or cannot be looked at) from here on: no link
+        return os.path.join(real, *below)
+    return None
+
+
+def opened_path(fd: int) -> str | None:
+    """Where the open file ``fd`` is (None where the system cannot say)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def open_exact(path, folder: bool = False) -> int:
+    """A read-only descriptor of ``path`` (absolute, with no link in it), or OSError when
+    what would be opened is anything else: a link, or a path that leads elsewhere since
+    it was checked."""
+    path = os.path.abspath(path)
+    fd = os.open(path, FOLDER_FLAGS if folder else FILE_FLAGS)
+    where = opened_path(fd)
+    if where is not None and where != path:
+        os.close(fd)
+        raise OSError(f"{path} leads elsewhere (a link was put on the way)")
+    return fd
+
+
+def open_below(folder_fd: int, relative: str, searchable_by_all: bool = False) -> int:
+    """A read-only descriptor of ``relative`` (components separated by ``/``) below the
+    open folder ``folder_fd``, opened component by component without following a link.
+    With ``searchable_by_all`` each folder on the way must be one every user may enter."""
+    *folders, name = parts = relative.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise OSError(f"{relative!r} is not a plain path below the folder")
+    current = folder_fd
+    try:
+        for part in folders:
+            opened = os.open(part, FOLDER_FLAGS, dir_fd=current)
+            if current != folder_fd:
+                os.close(current)
+            current = opened
+            if searchable_by_all and not os.fstat(current).st_mode & stat.S_IXOTH:
+                raise PermissionError(f"{relative}: a folder on the way is private")
+        return os.open(name, FILE_FLAGS, dir_fd=current)
+    finally:
+        if current != folder_fd:
+            os.close(current)

@@ -1,0 +1,57 @@
+"""Paths below an allowed folder are taken as written, never through a link; files and
+folders are opened only where their checked paths lead."""
+
+import os
+
+import pytest
+
+from imgsim import files
+from imgsim.backbones import file_sha256
+
+
+def test_nothing_below_an_allowed_folder_is_resolved(tmp_path):
+    root = tmp_path / "allowed"
+    (root / "x").mkdir(parents=True)
+    os.symlink(root / "x", root / "link")
+    os.symlink(root, tmp_path / "named-through-a-link")  # the DBA's own choice: resolved
+    assert files.beneath(root / "x", [root]) == str(root / "x")
+    assert files.beneath(f"{root}//x/./", [root]) == str(root / "x")
+    assert files.beneath(root / "missing" / "y", [root]) == str(root / "missing" / "y")
+    assert files.beneath(tmp_path / "named-through-a-link" / "x",
+                         [tmp_path / "named-through-a-link"]) == str(root / "x")
+    for refused in (root / "link", root / "link" / "y", f"{root}/x/../x", f"{root}/../allowed",
+                    tmp_path, f"{root}2", "allowed/x"):
+        assert files.beneath(refused, [root]) is None, refused
+
+
+def test_a_path_with_a_link_on_the_way_is_not_opened(tmp_path):
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "w.pth").write_bytes(b"weights")
+    os.symlink(real, tmp_path / "link")
+    os.symlink(real / "sub" / "w.pth", real / "sub" / "l.pth")
+    os.close(files.open_exact(real / "sub", folder=True))
+    assert len(file_sha256(real / "sub" / "w.pth")) == 64
+    with pytest.raises(OSError):
+        files.open_exact(tmp_path / "link" / "sub", folder=True)
+    for path in (tmp_path / "link" / "sub" / "w.pth", real / "sub" / "l.pth"):
+        with pytest.raises(ValueError, match="reached through no link"):
+            file_sha256(path)
+
+
+def test_below_an_open_folder_no_link_is_followed(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_bytes(b"inside")
+    os.symlink(tmp_path / "a" / "b", tmp_path / "a" / "l")
+    fd = files.open_exact(tmp_path / "a", folder=True)
+    try:
+        with os.fdopen(files.open_below(fd, "b/f"), "rb") as fh:
+            assert fh.read() == b"inside"
+        for through_a_link_or_up in ("l/f", "b/../l/f", "../a/b/f", "b//f"):
+            with pytest.raises(OSError):
+                files.open_below(fd, through_a_link_or_up)
+        os.chmod(tmp_path / "a" / "b", 0o750)
+        with pytest.raises(PermissionError, match="private"):
+            files.open_below(fd, "b/f", searchable_by_all=True)
+    finally:
+        os.close(fd)
