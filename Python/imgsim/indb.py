@@ -32,6 +32,7 @@ from .images import ImageError
 from .pipeline import refresh, run_image_similarity
 from .prepare import prepare_data
 from .rank import rank_candidates, set_query_images, similar_images, similar_to
+from .routines import ROUTINES
 from .store.base import Busy
 from .store.plpy_store import PlpyStore
 from .sync import sync_image_folder
@@ -106,11 +107,20 @@ def _plan(plpy, name: str):
     return _PLANS[name]
 
 
+# The parameters without a default: NULL for one of them is refused (for the others it
+# means the default).
+_REQUIRED = {r.name: [p for p in r.params if p.default is None] for r in ROUTINES}
+
+
 def call(plpy, routine: str, arguments: dict, procedure: bool, search_path: str | None = None):
     """The body of every public routine: run ``routine`` with ``arguments`` (the routine's
     own parameters, by name) to the end; return its result. A procedure sets
     ``search_path`` for each of its transactions (a function's is pinned by its SET
     clause, which would forbid a procedure's commits)."""
+    unset = [p.name for p in _REQUIRED[routine] if arguments.get(p.name) is None]
+    if unset:
+        raise plpy.spiexceptions.InvalidParameterValue(
+            f"imgsim.{routine}: {', '.join(unset)} must not be NULL")
     pin = _plan(plpy, "pin") if procedure else None
     if procedure:
         try:

@@ -143,6 +143,9 @@ def train_classifier(store, backbone: str | None = None, weights=None,
     seed = checks.seed("seed", seed)
     if fine_tune:
         finetune.check_request(epochs, validation, tune_minutes)
+    if backbone is None and weights is not None:
+        raise checks.ParameterError("weights goes with backbone: without a backbone the "
+                                    "split's features (and their weights) are used")
     split = lineage.current_split(store)
     if backbone is None:  # the split's features, by their key: no file is read again
         backbone, weights, key = (split[1]["backbone"], split[1].get("weights"),
