@@ -31,10 +31,44 @@ JOB_NAME = "imgsim-refresh"
 ROLE_MARK = "created by imgsim deploy; dropped by imgsim undeploy when no database uses it"
 
 
+# How long deploy and undeploy wait for a table that another session's open transaction
+# holds (even a plain SELECT left open holds its tables): while a change to a table waits,
+# every new reader of it waits behind, so deploy gives up rather than stall the analysts.
+LOCK_WAIT = "10s"
+_HOLDERS = """SELECT DISTINCT a.pid, a.usename, a.state, a.xact_start
+FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+JOIN pg_catalog.pg_class c ON c.oid = l.relation
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE l.granted AND n.nspname IN ('imgsim', 'imgsim_private')
+AND a.pid <> pg_catalog.pg_backend_pid() ORDER BY a.pid"""
+
+
 def _connect(dsn: str, autocommit: bool = False):
     import psycopg
 
-    return psycopg.connect(libpq_dsn(dsn), autocommit=autocommit)
+    conn = psycopg.connect(libpq_dsn(dsn), autocommit=autocommit)
+    conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
+    if not autocommit:
+        conn.commit()
+    return conn
+
+
+@contextmanager
+def _not_stalling(dsn: str, what: str):
+    """Turn a wait for a table that ran out into an error naming the sessions holding it."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.errors.LockNotAvailable:
+        with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
+            holders = conn.execute(_HOLDERS).fetchall()
+        sessions = "; ".join(f"pid {pid} ({user}, {state}, in a transaction since {since:%c})"
+                             for pid, user, state, since in holders) or "sessions now gone"
+        raise RuntimeError(
+            f"{what} waited {LOCK_WAIT} for imgsim's tables, which open transactions of other "
+            f"sessions hold: {sessions}. Its change was rolled back; end those transactions "
+            "(or pg_terminate_backend) and run it again") from None
 
 
 def _check_superuser(conn, what: str) -> None:
@@ -152,7 +186,7 @@ def deploy(dsn: str, server_venv=None, prepare_venv: bool = True, schedule: str 
             "(fine up to some hundred thousand images; install pgvector for HNSW)")
     store = SQLAlchemyStore(dsn)
     store.create_tables()
-    with _connect(dsn) as conn:
+    with _not_stalling(dsn, "deploy"), _connect(dsn) as conn:
         conn.execute("SET LOCAL search_path = pg_catalog, imgsim")
         if report["pgvector"]:
             vector_schema = conn.execute(
@@ -264,7 +298,7 @@ def undeploy(dsn: str) -> dict:
     deploy created that no other database uses. Returns what was removed and kept."""
     from psycopg import sql
 
-    with _connect(dsn) as conn:
+    with _not_stalling(dsn, "undeploy"), _connect(dsn) as conn:
         _check_superuser(conn, "undeploy")
         database = conn.info.dbname
         if not conn.execute("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'imgsim'"
