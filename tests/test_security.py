@@ -20,6 +20,7 @@ from PIL import Image
 from psycopg import errors
 
 from conftest import SERVER_VENV, as_role, fresh_database, one, psql
+from imgsim import deploy as deploy_module
 from imgsim import serverenv, settings
 from imgsim.cli import main
 from imgsim.deploy import deploy, drop_jobs, schedule_job, undeploy
@@ -116,7 +117,7 @@ def test_the_analyst_cannot_make_the_server_read_files_outside_the_allowed_folde
         shutil.rmtree(secret, ignore_errors=True)
 
 
-def test_links_leaving_an_allowed_folder_are_refused_and_recorded(target):
+def test_links_in_an_allowed_folder_are_recorded_and_never_followed(target):
     images = target["allowed"] / "images"
     os.symlink("/etc/passwd", images / "zebra" / "passwd.jpg")
     os.symlink("/usr/share", images / "shared")
@@ -130,11 +131,65 @@ def test_links_leaving_an_allowed_folder_are_refused_and_recorded(target):
                                   "position(%s::bytea in data) > 0", (b"root:x:0:0",))
         assert "zebra/passwd.jpg" not in stored and not any(p.startswith("shared") for p in stored)
         assert leaked.fetchone()[0] == 0
-        assert "outside the synced folder" in reasons["zebra/passwd.jpg"]
-        assert "outside the synced folder" in reasons["shared"]
+        assert reasons["zebra/passwd.jpg"] == reasons["shared"] == "a symbolic link (not followed)"
     finally:
         os.unlink(images / "zebra" / "passwd.jpg")
         os.unlink(images / "shared")
+
+
+def test_a_path_through_a_link_is_refused_alike_wherever_it_leads(target):
+    """Nothing below an allowed folder is resolved: a path with a link or '..' on the way
+    is refused with the message a path outside gets, whether the link exists and wherever
+    it leads, so an analyst cannot probe folders she may not list."""
+    allowed = target["allowed"]
+    os.symlink(allowed / "images", allowed / "back")  # leads inside
+    os.symlink("/usr/share", allowed / "out")
+    folders = [allowed / "back", allowed / "out", f"{allowed}/back/../images",
+               f"{allowed}/missing/../images", f"{allowed}/out/../../{allowed.name}/images",
+               "/no/such/folder"]
+    try:
+        with psycopg.connect(target["analyst"], autocommit=True) as conn:
+            messages = set()
+            for folder in folders:
+                with pytest.raises(errors.InsufficientPrivilege, match="not inside") as refused:
+                    conn.execute("CALL imgsim.sync_image_folder(%s)", (str(folder),))
+                messages.add(str(refused.value).splitlines()[0].replace(repr(str(folder)), "P"))
+            assert len(messages) == 1, messages
+    finally:
+        os.unlink(allowed / "back")
+        os.unlink(allowed / "out")
+
+
+def test_null_for_a_parameter_without_a_default_is_refused(target):
+    before = counts(target["dsn"])
+    with psycopg.connect(target["analyst"], autocommit=True) as conn:
+        for statement in ("CALL imgsim.sync_image_folder(NULL)",
+                          "CALL imgsim.set_query_images(NULL)",
+                          "SELECT * FROM imgsim.similar_to(NULL)",
+                          "SELECT * FROM imgsim.similar_images(NULL)"):
+            with pytest.raises(errors.InvalidParameterValue, match="must not be NULL"):
+                conn.execute(statement)
+        with pytest.raises(errors.InvalidParameterValue, match="weights goes with backbone"):
+            conn.execute("CALL imgsim.train_classifier(weights => '/etc/passwd')")
+    assert counts(target["dsn"]) == before
+
+
+def test_a_transaction_left_open_stops_a_redeploy_instead_of_stalling_every_reader(
+        target, monkeypatch):
+    """Reading holds a table until the transaction ends; a redeploy waiting for it would
+    queue every new reader behind it. It gives up after LOCK_WAIT, naming the session."""
+    monkeypatch.setattr(deploy_module, "LOCK_WAIT", "1s")
+    with psycopg.connect(target["analyst"]) as reader:
+        reader.execute("SELECT count(*) FROM imgsim.images")  # and the transaction stays open
+        pid = reader.info.backend_pid
+        with pytest.raises(RuntimeError, match="open transactions of other sessions") as stopped:
+            deploy(target["dsn"], prepare_venv=False, **QUIET)
+        assert f"pid {pid} (mallory" in str(stopped.value)
+        with psycopg.connect(target["analyst"], autocommit=True) as other:
+            other.execute("SET statement_timeout = '5s'")
+            assert other.execute("SELECT count(*) FROM imgsim.images").fetchone()[0] > 0
+        reader.rollback()
+    deploy(target["dsn"], prepare_venv=False, **QUIET)  # nothing open: it goes through
 
 
 def test_the_analyst_holds_no_table_and_writes_none(target):
