@@ -120,6 +120,20 @@ def test_a_link_swapped_in_after_the_listing_leads_nowhere(small_folder, tmp_pat
         os.close(fd)
 
 
+def test_folders_nested_too_deep_are_recorded_and_keep_their_images(small_folder,
+                                                                    empty_store, monkeypatch):
+    deep = small_folder / "zebra" / "a" / "b"
+    deep.mkdir(parents=True)
+    (small_folder / "zebra" / "zebra_000.jpg").rename(deep / "deep.jpg")
+    sync_image_folder(empty_store, small_folder, progress=False)
+    assert "zebra/a/b/deep.jpg" in paths(empty_store)
+    monkeypatch.setattr(sync_module, "MAX_DEPTH", 2)
+    counts = sync_image_folder(empty_store, small_folder, progress=False)
+    assert counts["removed"] == 0 and "zebra/a/b/deep.jpg" in paths(empty_store)
+    reasons = {p: r for p, _, r, _ in empty_store.image_error_rows()}
+    assert reasons == {"zebra/a/b": "more than 2 folders deep: not listed"}
+
+
 def test_a_file_over_the_size_limit_is_recorded(small_folder, empty_store, monkeypatch):
     monkeypatch.setattr(sync_module, "MAX_FILE_BYTES", 1000)
     counts = sync_image_folder(empty_store, small_folder, progress=False)

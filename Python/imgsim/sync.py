@@ -35,6 +35,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".ti
 # (.tif files are synced, and then recorded as not decoded by featurize: see images.py)
 MAX_FILE_BYTES = 100 << 20
 STRETCH_FILES = 200
+MAX_DEPTH = 32  # folders below the synced one; deeper ones are recorded, not listed
 STEP = "sync_image_folder"
 LINK = "a symbolic link (not followed)"
 
@@ -67,18 +68,24 @@ def list_image_files(folder_fd: int) -> Listing:
         if entry.is_symlink():
             listing.refused.append((shown(entry.name), LINK))
         elif entry.is_dir(follow_symlinks=False):
-            _list_folder(folder_fd, entry.name, listing)
+            _list_folder(folder_fd, entry.name, listing, 1)
         elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
             listing.refused.append((shown(entry.name), "not in a category folder"))
     return listing
 
 
-def _list_folder(parent_fd: int, relative: str, listing: Listing) -> None:
-    """Add what the folder ``relative`` (below ``parent_fd``'s folder) holds."""
+def _list_folder(parent_fd: int, relative: str, listing: Listing, depth: int) -> None:
+    """Add what the folder ``relative`` (below ``parent_fd``'s folder, ``depth`` folders
+    below the synced one) holds; its images are kept when it cannot be listed."""
+    if depth > MAX_DEPTH:
+        listing.unlisted.append(relative)
+        listing.refused.append((shown(relative), f"more than {MAX_DEPTH} folders deep: "
+                                                 "not listed"))
+        return
     try:
         fd = os.open(relative.rsplit("/", 1)[-1], files.FOLDER_FLAGS, dir_fd=parent_fd)
         entries = sorted(os.scandir(fd), key=lambda e: e.name)
-    except OSError as error:  # a folder the process may not read: its images are kept
+    except OSError as error:  # a folder the process may not read
         listing.unlisted.append(relative)
         listing.refused.append((shown(relative), f"cannot list the folder: {error.strerror}"))
         return
@@ -88,7 +95,7 @@ def _list_folder(parent_fd: int, relative: str, listing: Listing) -> None:
             if entry.is_symlink():
                 listing.refused.append((shown(rel), LINK))
             elif entry.is_dir(follow_symlinks=False):
-                _list_folder(fd, rel, listing)
+                _list_folder(fd, rel, listing, depth + 1)
             elif Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
                 listing.ignored += 1
             elif not _utf8(rel):
