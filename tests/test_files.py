@@ -2,11 +2,14 @@
 folders are opened only where their checked paths lead."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from imgsim import files
-from imgsim.backbones import file_sha256
+from imgsim.backbones import file_sha256, weights_path
 
 
 def test_nothing_below_an_allowed_folder_is_resolved(tmp_path):
@@ -55,3 +58,36 @@ def test_below_an_open_folder_no_link_is_followed(tmp_path):
             files.open_below(fd, "b/f", searchable_by_all=True)
     finally:
         os.close(fd)
+
+
+def test_a_file_looked_at_through_a_link_gets_the_answer_a_missing_one_gets(tmp_path):
+    (tmp_path / "real").mkdir()
+    weights = tmp_path / "real" / "w.pth"
+    weights.write_bytes(b"weights")
+    os.mkfifo(tmp_path / "real" / "pipe.pth")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    assert files.regular_file(weights).st_size == 7
+    assert weights_path("resnet18", weights) == weights
+    for nothing_there in (tmp_path / "real" / "missing.pth", tmp_path / "link" / "w.pth",
+                          tmp_path / "real", tmp_path / "real" / "pipe.pth"):
+        assert files.regular_file(nothing_there) is None
+        with pytest.raises(FileNotFoundError) as refused:
+            weights_path("resnet18", nothing_there)
+        assert str(refused.value) == (f"weights file {nothing_there} is not a regular file "
+                                      "reached through no link (or does not exist)")
+
+
+def test_folders_everyone_may_enter():
+    base = Path(tempfile.mkdtemp())  # pytest's tmp_path lies in a folder only root enters
+    try:
+        (base / "open" / "inner").mkdir(parents=True)
+        (base / "closed" / "inner").mkdir(parents=True)
+        for folder in (base, base / "open"):
+            os.chmod(folder, 0o755)
+        os.chmod(base / "closed", 0o750)
+        os.symlink(base / "open", base / "link")
+        assert files.searchable_by_all(base / "open" / "inner")
+        assert not files.searchable_by_all(base / "closed" / "inner")
+        assert not files.searchable_by_all(base / "link" / "inner")  # a link on the way
+    finally:
+        shutil.rmtree(base)

@@ -2,6 +2,7 @@
 derived from them, names that are not UTF-8, links (never followed), another folder."""
 
 import os
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -118,6 +119,18 @@ def test_a_link_swapped_in_after_the_listing_leads_nowhere(small_folder, tmp_pat
         assert ("zebra", sync_module.LINK) in again.refused
     finally:
         os.close(fd)
+
+
+def test_a_link_put_on_the_checked_path_of_the_folder_is_refused(small_folder, empty_store,
+                                                                 tmp_path, monkeypatch):
+    """Inside the server the path is checked as written and never resolved again: a link
+    put on the way after the check must not lead the sync elsewhere."""
+    (tmp_path / "parent").symlink_to(tmp_path)  # put there after the check
+    checked = tmp_path / "parent" / "small"
+    monkeypatch.setattr(empty_store, "readable_path", lambda path, what: Path(path))
+    with pytest.raises(FileNotFoundError, match="reached through a link"):
+        sync_image_folder(empty_store, checked, progress=False)
+    assert paths(empty_store) == [] and empty_store.run_rows("sync_image_folder") == []
 
 
 def test_folders_nested_too_deep_are_recorded_and_keep_their_images(small_folder,

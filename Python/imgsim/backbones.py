@@ -79,13 +79,16 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 def weights_path(name: str, weights: str | os.PathLike | None = None) -> Path:
-    """Locate the weights file of backbone ``name`` (offline, from installed packages)."""
+    """Locate the weights file of backbone ``name`` (offline, from installed packages);
+    given ``weights`` (a real path), check it is a regular file of at most the limit."""
     get_spec(name)
     if weights is not None:
         path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file {path} does not exist")
-        if path.stat().st_size > MAX_WEIGHTS_BYTES:
+        found = files.regular_file(path)
+        if found is None:
+            raise FileNotFoundError(f"weights file {path} is not a regular file reached "
+                                    "through no link (or does not exist)")
+        if found.st_size > MAX_WEIGHTS_BYTES:
             raise ValueError(f"weights file {path} is larger than the limit of "
                              f"{MAX_WEIGHTS_BYTES >> 20} MB")
         return path

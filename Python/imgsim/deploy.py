@@ -34,7 +34,7 @@ ROLE_MARK = "created by imgsim deploy; dropped by imgsim undeploy when no databa
 # How long deploy and undeploy wait for a table that another session's open transaction
 # holds (even a plain SELECT left open holds its tables): while a change to a table waits,
 # every new reader of it waits behind, so deploy gives up rather than stall the analysts.
-LOCK_WAIT = "10s"
+LOCK_WAIT = "2s"
 _HOLDERS = """SELECT DISTINCT a.pid, a.usename, a.state, a.xact_start
 FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
 JOIN pg_catalog.pg_class c ON c.oid = l.relation

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 FILE_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
           | getattr(os, "O_CLOEXEC", 0))
@@ -62,6 +63,38 @@ def open_exact(path, folder: bool = False) -> int:
         os.close(fd)
         raise OSError(f"{path} leads elsewhere (a link was put on the way)")
     return fd
+
+
+def searchable_by_all(path) -> bool:
+    """Whether every folder from ``/`` down to the real, link-free ``path`` (itself
+    excepted) may be entered by every user; each is opened where its path leads, so a
+    link swapped in makes the answer no, whatever it leads to."""
+    for folder in reversed(Path(os.path.abspath(path)).parents):
+        try:
+            fd = open_exact(folder, folder=True)
+        except OSError:
+            return False
+        try:
+            if not os.fstat(fd).st_mode & stat.S_IXOTH:
+                return False
+        finally:
+            os.close(fd)
+    return True
+
+
+def regular_file(path) -> os.stat_result | None:
+    """The status of the regular file at the real, link-free ``path``, or None when there
+    is none there reached through no link (missing, a folder, a pipe, a link on the way:
+    one answer, whatever a link leads to)."""
+    try:
+        fd = open_exact(path)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return info if stat.S_ISREG(info.st_mode) else None
 
 
 def open_below(folder_fd: int, relative: str, searchable_by_all: bool = False) -> int:

@@ -157,19 +157,13 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
     """
     if not isinstance(replace, bool):
         raise checks.ParameterError(f"replace must be true or false; got {replace!r}")
-    folder = store.readable_path(folder, "folder")
-    if not folder.exists():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    if not folder.is_dir():
-        raise checks.ParameterError(f"{folder} is not a folder: sync a folder of category "
-                                    "sub-folders")
-    root = os.path.realpath(folder)
+    root = str(store.readable_path(folder, "folder"))  # resolved; never resolved again
     folder_fd = _open_folder(root, store.shared_only())
     try:
         listing = list_image_files(folder_fd)
         if not listing.found and not listing.unlisted:
-            raise ValueError(f"{folder} holds no images in category sub-folders "
-                             f"(expected {folder}/<category>/<image>)")
+            raise ValueError(f"{root} holds no images in category sub-folders "
+                             f"(expected {root}/<category>/<image>)")
         with store.lock():
             earlier = store.run_rows(STEP, limit=1)  # the last sync, even an interrupted one
             mirrored = earlier[0][6]["folder"] if earlier else None
@@ -188,11 +182,17 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
 
 
 def _open_folder(root: str, shared_only: bool) -> int:
-    """The synced folder, opened where its checked path leads (a link swapped in on the
-    way since is refused); with ``shared_only``, one every user of the server may enter."""
-    fd = files.open_exact(root, folder=True)
-    if shared_only and not (os.fstat(fd).st_mode & stat.S_IXOTH and all(
-            os.stat(parent).st_mode & stat.S_IXOTH for parent in Path(root).parents)):
+    """The synced folder, opened where its checked path leads, with no link on the way;
+    with ``shared_only``, one every user of the server may enter. Refused with one message
+    whether it is missing, not a folder, or a link was put on the way (whatever it leads
+    to)."""
+    try:
+        fd = files.open_exact(root, folder=True)
+    except OSError:
+        raise FileNotFoundError(f"image folder {root} cannot be opened: it does not exist, is "
+                                "not a folder, or is reached through a link") from None
+    if shared_only and not (os.fstat(fd).st_mode & stat.S_IXOTH
+                            and files.searchable_by_all(root)):
         os.close(fd)
         raise PermissionError(f"{root} is a folder not every user of the server may enter: "
                               "imgsim does not read files private to it")

@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import numbers
 import os
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,17 +72,6 @@ def _pg_value(value):
 
 _roles = Table("pg_roles", MetaData(schema="pg_catalog"),
                Column("rolname", String), Column("rolsuper", Boolean))
-
-
-def shared(path) -> bool:
-    """Whether every user of the server could read ``path``: readable by others, in
-    folders others may enter."""
-    import stat
-
-    path = Path(path)
-    if not path.stat().st_mode & stat.S_IROTH:
-        return False
-    return all(folder.stat().st_mode & stat.S_IXOTH for folder in path.parents)
 
 
 class PathNotAllowed(PermissionError):
@@ -185,11 +175,16 @@ class PlpyStore(Store):
                 f"(allowed_folders: {', '.join(roots) or 'none'}); the DBA sets them with "
                 "imgsim deploy --allow-folder")
         real = Path(real)
-        if real.is_file() and not shared(real):
+        if what != "weights":
+            return real
+        found = files.regular_file(real)  # where the checked path leads, no link on the way
+        if found is None:
+            raise PathNotAllowed(f"weights {path!r} is not a regular file reached through no "
+                                 "link (or does not exist)")
+        if not (found.st_mode & stat.S_IROTH and files.searchable_by_all(real)):
             raise PathNotAllowed(f"{what} {path!r} is not readable by every user of the "
                                  "server: imgsim does not read files private to it")
-        if what == "weights" and not (real.suffix in (".pth", ".pt") and real.is_file()
-                                      and real.stat().st_size >= 1 << 20):
+        if not (real.suffix in (".pth", ".pt") and found.st_size >= 1 << 20):
             raise PathNotAllowed(f"weights {path!r} must be a .pth or .pt file of at least "
                                  "1 MB (a network's weights)")
         return real
