@@ -35,7 +35,8 @@ ROLE_MARK = "created by imgsim deploy; dropped by imgsim undeploy when no databa
 # holds (even a plain SELECT left open holds its tables): while a change to a table waits,
 # every new reader of it waits behind, so deploy gives up rather than stall the analysts.
 LOCK_WAIT = "2s"
-_HOLDERS = """SELECT DISTINCT a.pid, a.usename, a.state, a.xact_start
+_HOLDERS = """SELECT DISTINCT a.pid, a.usename, a.state,
+pg_catalog.to_char(a.xact_start, 'YYYY-MM-DD HH24:MI:SS TZ')
 FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
 JOIN pg_catalog.pg_class c ON c.oid = l.relation
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -63,7 +64,7 @@ def _not_stalling(dsn: str, what: str):
     except psycopg.errors.LockNotAvailable:
         with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
             holders = conn.execute(_HOLDERS).fetchall()
-        sessions = "; ".join(f"pid {pid} ({user}, {state}, in a transaction since {since:%c})"
+        sessions = "; ".join(f"pid {pid} ({user}, {state}, in a transaction since {since})"
                              for pid, user, state, since in holders) or "sessions now gone"
         raise RuntimeError(
             f"{what} waited {LOCK_WAIT} for imgsim's tables, which open transactions of other "
