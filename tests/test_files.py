@@ -12,19 +12,22 @@ from imgsim import files
 from imgsim.backbones import file_sha256, weights_path
 
 
-def test_nothing_below_an_allowed_folder_is_resolved(tmp_path):
+def test_nothing_is_resolved_and_no_link_is_on_the_way(tmp_path):
     root = tmp_path / "allowed"
     (root / "x").mkdir(parents=True)
     os.symlink(root / "x", root / "link")
-    os.symlink(root, tmp_path / "named-through-a-link")  # the DBA's own choice: resolved
+    os.symlink(root, tmp_path / "named-through-a-link")
+    assert files.beneath(root, [root]) == str(root)
     assert files.beneath(root / "x", [root]) == str(root / "x")
     assert files.beneath(f"{root}//x/./", [root]) == str(root / "x")
     assert files.beneath(root / "missing" / "y", [root]) == str(root / "missing" / "y")
-    assert files.beneath(tmp_path / "named-through-a-link" / "x",
-                         [tmp_path / "named-through-a-link"]) == str(root / "x")
     for refused in (root / "link", root / "link" / "y", f"{root}/x/../x", f"{root}/../allowed",
                     tmp_path, f"{root}2", "allowed/x"):
         assert files.beneath(refused, [root]) is None, refused
+    # an allowed folder itself reached through a link (one put in its place, or one the
+    # DBA named so): refused, not resolved
+    for path in (tmp_path / "named-through-a-link", tmp_path / "named-through-a-link" / "x"):
+        assert files.beneath(path, [tmp_path / "named-through-a-link"]) is None
 
 
 def test_a_path_with_a_link_on_the_way_is_not_opened(tmp_path):

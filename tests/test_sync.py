@@ -109,14 +109,24 @@ def test_a_link_swapped_in_after_the_listing_leads_nowhere(small_folder, tmp_pat
     try:
         listing = sync_module.list_image_files(fd)
         assert ("zebra/zebra_000.jpg", "zebra") in listing.found
-        assert sync_module._read(fd, "zebra/zebra_000.jpg")[:2] == b"\xff\xd8"
+        assert sync_module._read(fd, str(small_folder), "zebra/zebra_000.jpg")[:2] == b"\xff\xd8"
         (small_folder / "zebra").rename(tmp_path / "zebra-moved")
         (small_folder / "zebra").symlink_to(outside)
         with pytest.raises(OSError):
-            sync_module._read(fd, "zebra/zebra_000.jpg")
+            sync_module._read(fd, str(small_folder), "zebra/zebra_000.jpg")
         again = sync_module.list_image_files(fd)
         assert not [rel for rel, _ in again.found if rel.startswith("zebra/")]
         assert ("zebra", sync_module.LINK) in again.refused
+    finally:
+        os.close(fd)
+
+
+def test_files_of_a_folder_moved_away_while_syncing_are_not_read(small_folder, tmp_path):
+    fd = files.open_exact(small_folder, folder=True)
+    try:
+        small_folder.rename(tmp_path / "elsewhere")  # by whoever may write there
+        with pytest.raises(OSError, match="moved"):
+            sync_module._read(fd, str(small_folder), "zebra/zebra_000.jpg")
     finally:
         os.close(fd)
 

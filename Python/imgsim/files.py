@@ -21,27 +21,25 @@ FOLDER_FLAGS = FILE_FLAGS | getattr(os, "O_DIRECTORY", 0)
 
 
 def beneath(path, roots) -> str | None:
-    """``path`` as a real path if it is one of ``roots`` or lies below one with no link
-    and no ``..`` on the way below it; else None. Nothing below a root is resolved, so
-    the answer says nothing of where a link there leads, nor of paths outside."""
+    """``path``, normalised, if it is one of ``roots`` or lies below one, with no link and
+    no ``..`` anywhere on the way (the roots included: name them by their real paths);
+    else None. Nothing is resolved, so the answer says nothing of where a link leads,
+    nor of paths outside."""
     path = os.fspath(path)
     if not os.path.isabs(path) or ".." in path.split(os.sep):
         return None
     path = os.path.normpath(path)
-    for root in roots:
-        base = os.path.normpath(root)
-        if path != base and not path.startswith(base.rstrip(os.sep) + os.sep):
-            continue
-        real = os.path.realpath(base)
-        below = [part for part in path[len(base):].split(os.sep) if part]
-        for depth in range(1, len(below) + 1):
-            try:
-                if stat.S_ISLNK(os.lstat(os.path.join(real, *below[:depth])).st_mode):
-                    return None
-            except OSError:
-                break  # it does not exist (or cannot be looked at) from here on: no link
-        return os.path.join(real, *below)
-    return None
+    if not any(path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+               for base in map(os.path.normpath, roots)):
+        return None
+    parts = [part for part in path.split(os.sep) if part]
+    for depth in range(1, len(parts) + 1):
+        try:
+            if stat.S_ISLNK(os.lstat(os.path.join(os.sep, *parts[:depth])).st_mode):
+                return None
+        except OSError:
+            break  # it does not exist (or cannot be looked at) from here on: no link
+    return path
 
 
 def opened_path(fd: int) -> str | None:

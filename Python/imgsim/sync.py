@@ -117,12 +117,16 @@ def _utf8(name: str) -> bool:
     return True
 
 
-def _read(folder_fd: int, relative: str, shared_only: bool = False) -> bytes:
+def _read(folder_fd: int, root: str, relative: str, shared_only: bool = False) -> bytes:
     """The bytes of the regular file ``relative`` below the open folder ``folder_fd``
-    (and, if ``shared_only``, one every user of the machine may read), reached through no
-    link, whatever was swapped in since the listing; a pipe or device is never read."""
+    (``root``), reached through no link whatever was swapped in since the listing, and
+    still there when opened (a folder moved away since is not read); if ``shared_only``,
+    one every user of the machine may read; a pipe or device is never read."""
     fd = files.open_below(folder_fd, relative, searchable_by_all=shared_only)
     with os.fdopen(fd, "rb") as fh:
+        where = files.opened_path(fd)
+        if where is not None and where != os.path.join(root, relative):
+            raise OSError("it was moved while it was read")  # or its folder was: not read
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError("not a regular file (a pipe, device or socket)")
@@ -216,7 +220,7 @@ def _mirror(store, root, folder_fd, replace, listing, known, progress):
                 for rel, category in found[start:start + STRETCH_FILES]:
                     store.check_interrupts()
                     try:
-                        data = _read(folder_fd, rel, shared_only)
+                        data = _read(folder_fd, root, rel, shared_only)
                     except OSError as exc:
                         errors.append({"run_id": run.id, "path": rel, "step": STEP,
                                        "reason": f"cannot read: {exc.strerror or exc}"})
