@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imgsim import files
+from imgsim import backbones, files
 from imgsim.backbones import file_sha256, weights_path
 
 
@@ -94,3 +94,13 @@ def test_folders_everyone_may_enter():
         assert not files.searchable_by_all(base / "link" / "inner")  # a link on the way
     finally:
         shutil.rmtree(base)
+
+
+def test_weights_grown_past_the_limit_since_they_were_checked_are_not_read_to_the_end(
+        tmp_path, monkeypatch):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"w" * 20)
+    assert len(file_sha256(weights)) == 64
+    monkeypatch.setattr(backbones, "MAX_WEIGHTS_BYTES", 10)
+    with pytest.raises(ValueError, match="larger than the limit"):
+        file_sha256(weights)

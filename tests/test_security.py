@@ -21,7 +21,7 @@ from psycopg import errors
 
 from conftest import SERVER_VENV, as_role, fresh_database, one, psql
 from imgsim import deploy as deploy_module
-from imgsim import serverenv, settings
+from imgsim import backbones, serverenv, settings
 from imgsim.cli import main
 from imgsim.deploy import deploy, drop_jobs, schedule_job, undeploy
 
@@ -702,6 +702,36 @@ def test_files_private_to_the_server_are_not_read_even_in_an_allowed_folder(targ
             dba.execute("CALL imgsim.sync_image_folder(%s)", (str(images),))
 
 
+def test_names_in_a_folder_private_to_the_server_are_not_told(target):
+    images = target["allowed"] / "images"
+    listed, weights = images / "zebra" / "private", target["allowed"] / "private"
+    for folder in (listed, weights):
+        folder.mkdir()
+        shutil.copy(next((images / "dotted").glob("*.jpg")), folder / "SECRET-NAME.jpg")
+    shutil.copy(backbones.weights_path("efficientnet_lite0"), weights / "w.pth")
+    for folder in (listed, weights):
+        subprocess.run(["chown", "-R", "postgres", str(folder)], check=True)
+        os.chmod(folder, 0o700)
+    try:
+        with psycopg.connect(target["analyst"], autocommit=True) as conn:
+            conn.execute("CALL imgsim.sync_image_folder(%s)", (str(images),))
+            told = [r[0] for r in conn.execute("SELECT path FROM imgsim.image_errors "
+                                               "UNION ALL SELECT path FROM imgsim.images")]
+            messages = []
+            for name in ("w.pth", "missing.pth"):
+                with pytest.raises(errors.InsufficientPrivilege) as refused:
+                    conn.execute("CALL imgsim.featurize_images(weights => %s)",
+                                 (str(weights / name),))
+                messages.append(str(refused.value).splitlines()[0].replace(name, "NAME"))
+        assert "zebra/private" in told and not [p for p in told if "SECRET" in p]
+        assert messages[0] == messages[1] and "not readable by every user" in messages[0]
+    finally:
+        shutil.rmtree(listed)
+        shutil.rmtree(weights)
+        with psycopg.connect(target["dsn"], autocommit=True) as dba:
+            dba.execute("CALL imgsim.sync_image_folder(%s)", (str(images),))
+
+
 def test_a_lease_dies_even_when_its_row_cannot_be_removed(target):
     """A caller's own lock_timeout could make the removal of a lease's row fail while
     another session takes a lease: the lease's key goes first, so what is left is dead
@@ -737,7 +767,7 @@ def test_weights_must_look_like_a_networks(target):
     try:
         with psycopg.connect(target["analyst"], autocommit=True) as conn:
             before = conn.execute("SELECT count(*) FROM imgsim.runs").fetchone()
-            with pytest.raises(errors.InsufficientPrivilege, match="at least 1 MB"):
+            with pytest.raises(errors.InsufficientPrivilege, match="of 1 to 512 MB"):
                 conn.execute("CALL imgsim.rank_candidates(space => 'features', backbone => "
                              "'resnet18', weights => %s)", (str(pin),))
             assert conn.execute("SELECT count(*) FROM imgsim.runs").fetchone() == before

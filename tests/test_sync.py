@@ -2,6 +2,9 @@
 derived from them, names that are not UTF-8, links (never followed), another folder."""
 
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -141,6 +144,44 @@ def test_a_link_put_on_the_checked_path_of_the_folder_is_refused(small_folder, e
     with pytest.raises(FileNotFoundError, match="reached through a link"):
         sync_image_folder(empty_store, checked, progress=False)
     assert paths(empty_store) == [] and empty_store.run_rows("sync_image_folder") == []
+
+
+def test_folders_not_everyone_may_list_are_not_listed_for_analysts(small_folder,
+                                                                   empty_store, monkeypatch):
+    base = Path(tempfile.mkdtemp())  # pytest's tmp_path lies in a folder only root enters
+    try:
+        folder = base / "shared"
+        shutil.copytree(small_folder, folder)
+        subprocess.run(["chmod", "-R", "a+rX", str(base)], check=True)
+        private = folder / "zebra" / "private"
+        private.mkdir(mode=0o711)  # others may enter it, not list it
+        (private / "SECRET-NAME.jpg").write_bytes(b"x")
+        monkeypatch.setattr(empty_store, "shared_only", lambda: True)
+        counts = sync_image_folder(empty_store, folder, progress=False)
+        reasons = {p: r for p, _, r, _ in empty_store.image_error_rows()}
+        assert counts["added"] == 12
+        assert reasons == {"zebra/private": "cannot list the folder: not every user of the "
+                                            "server may list it"}
+        os.chmod(folder, 0o711)
+        with pytest.raises(PermissionError, match="not every user of the server may list"):
+            sync_image_folder(empty_store, folder, progress=False)
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_file_grown_past_the_limit_since_it_was_looked_at_is_not_stored(small_folder,
+                                                                          monkeypatch):
+    monkeypatch.setattr(sync_module, "MAX_FILE_BYTES", 1000)
+    fd = files.open_exact(small_folder, folder=True)
+    real_fstat = os.fstat
+    monkeypatch.setattr(sync_module.os, "fstat", lambda f: os.stat_result(
+        (*real_fstat(f)[:6], 10, *real_fstat(f)[7:])))  # as it was when looked at: 10 bytes
+    try:
+        with pytest.raises(OSError, match="larger than the limit"):
+            sync_module._read(fd, str(small_folder), "zebra/zebra_000.jpg")
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
 
 
 def test_folders_nested_too_deep_are_recorded_and_keep_their_images(small_folder,

@@ -115,8 +115,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of the regular file at ``path`` (a real path: resolved, as
     readable_path and weights_path give it), read in chunks. Opened only where ``path``
     leads with no link on the way (one swapped in since it was checked is refused the
-    same way whatever it leads to), without blocking (a pipe is refused, not waited on)."""
-    digest = hashlib.sha256()
+    same way whatever it leads to), without blocking (a pipe is refused, not waited on);
+    at most MAX_WEIGHTS_BYTES are read (a file growing past it since it was checked is
+    refused, not read to its end)."""
+    digest, read = hashlib.sha256(), 0
     try:
         fd = files.open_exact(path)
     except OSError:
@@ -127,6 +129,10 @@ def file_sha256(path: str | os.PathLike) -> str:
         raise ValueError(f"{path} is not a regular file reached through no link")
     with os.fdopen(fd, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
+            read += len(chunk)
+            if read > MAX_WEIGHTS_BYTES:
+                raise ValueError(f"{path} is larger than the limit of "
+                                 f"{MAX_WEIGHTS_BYTES >> 20} MB")
             digest.update(chunk)
     return digest.hexdigest()
 

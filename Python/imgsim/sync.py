@@ -57,8 +57,9 @@ class Listing:
     ignored: int = 0
 
 
-def list_image_files(folder_fd: int) -> Listing:
-    """Image files in the category sub-folders of the open folder ``folder_fd``, sorted.
+def list_image_files(folder_fd: int, shared_only: bool = False) -> Listing:
+    """Image files in the category sub-folders of the open folder ``folder_fd``, sorted;
+    with ``shared_only``, in folders every user of the machine may list.
 
     Walked one open folder at a time (:func:`imgsim.files.open_below`): a link is
     recorded, never followed, so a link swapped in for a folder while listing leads
@@ -68,34 +69,36 @@ def list_image_files(folder_fd: int) -> Listing:
         if entry.is_symlink():
             listing.refused.append((shown(entry.name), LINK))
         elif entry.is_dir(follow_symlinks=False):
-            _list_folder(folder_fd, entry.name, listing, 1)
+            _list_folder(folder_fd, entry.name, listing, 1, shared_only)
         elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
             listing.refused.append((shown(entry.name), "not in a category folder"))
     return listing
 
 
-def _list_folder(parent_fd: int, relative: str, listing: Listing, depth: int) -> None:
+def _list_folder(parent_fd: int, relative: str, listing: Listing, depth: int,
+                 shared_only: bool) -> None:
     """Add what the folder ``relative`` (below ``parent_fd``'s folder, ``depth`` folders
     below the synced one) holds; its images are kept when it cannot be listed."""
     if depth > MAX_DEPTH:
-        listing.unlisted.append(relative)
-        listing.refused.append((shown(relative), f"more than {MAX_DEPTH} folders deep: "
-                                                 "not listed"))
-        return
+        return _unlisted(listing, relative, f"more than {MAX_DEPTH} folders deep: not listed")
     try:
         fd = os.open(relative.rsplit("/", 1)[-1], files.FOLDER_FLAGS, dir_fd=parent_fd)
-        entries = sorted(os.scandir(fd), key=lambda e: e.name)
     except OSError as error:  # a folder the process may not read
-        listing.unlisted.append(relative)
-        listing.refused.append((shown(relative), f"cannot list the folder: {error.strerror}"))
-        return
+        return _unlisted(listing, relative, f"cannot list the folder: {error.strerror}")
     try:
+        if shared_only and not _listable_by_all(fd):
+            return _unlisted(listing, relative, "cannot list the folder: not every user of "
+                                                "the server may list it")
+        try:
+            entries = sorted(os.scandir(fd), key=lambda e: e.name)
+        except OSError as error:
+            return _unlisted(listing, relative, f"cannot list the folder: {error.strerror}")
         for entry in entries:
             rel = f"{relative}/{entry.name}"
             if entry.is_symlink():
                 listing.refused.append((shown(rel), LINK))
             elif entry.is_dir(follow_symlinks=False):
-                _list_folder(fd, rel, listing, depth + 1)
+                _list_folder(fd, rel, listing, depth + 1, shared_only)
             elif Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
                 listing.ignored += 1
             elif not _utf8(rel):
@@ -107,6 +110,16 @@ def _list_folder(parent_fd: int, relative: str, listing: Listing, depth: int) ->
                 listing.found.append((rel, rel.split("/", 1)[0]))
     finally:
         os.close(fd)
+
+
+def _unlisted(listing: Listing, relative: str, reason: str) -> None:
+    listing.unlisted.append(relative)
+    listing.refused.append((shown(relative), reason))
+
+
+def _listable_by_all(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return bool(mode & stat.S_IROTH and mode & stat.S_IXOTH)
 
 
 def _utf8(name: str) -> bool:
@@ -135,7 +148,10 @@ def _read(folder_fd: int, root: str, relative: str, shared_only: bool = False) -
         if shared_only and not info.st_mode & stat.S_IROTH:
             raise OSError("not readable by every user of the server: imgsim does not read "
                           "files private to it")
-        return fh.read(MAX_FILE_BYTES + 1)
+        data = fh.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:  # it grew since it was looked at
+            raise OSError(f"larger than the limit of {MAX_FILE_BYTES >> 20} MB")
+        return data
 
 
 @stepwise
@@ -164,7 +180,7 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
     root = str(store.readable_path(folder, "folder"))  # resolved; never resolved again
     folder_fd = _open_folder(root, store.shared_only())
     try:
-        listing = list_image_files(folder_fd)
+        listing = list_image_files(folder_fd, store.shared_only())
         if not listing.found and not listing.unlisted:
             raise ValueError(f"{root} holds no images in category sub-folders "
                              f"(expected {root}/<category>/<image>)")
@@ -187,18 +203,17 @@ def sync_image_folder(store, folder, replace: bool = False, progress: bool = Tru
 
 def _open_folder(root: str, shared_only: bool) -> int:
     """The synced folder, opened where its checked path leads, with no link on the way;
-    with ``shared_only``, one every user of the server may enter. Refused with one message
-    whether it is missing, not a folder, or a link was put on the way (whatever it leads
-    to)."""
+    with ``shared_only``, one every user of the server may list, in folders all may enter.
+    Refused with one message whether it is missing, not a folder, or a link was put on the
+    way (whatever it leads to)."""
     try:
         fd = files.open_exact(root, folder=True)
     except OSError:
         raise FileNotFoundError(f"image folder {root} cannot be opened: it does not exist, is "
                                 "not a folder, or is reached through a link") from None
-    if shared_only and not (os.fstat(fd).st_mode & stat.S_IXOTH
-                            and files.searchable_by_all(root)):
+    if shared_only and not (_listable_by_all(fd) and files.searchable_by_all(root)):
         os.close(fd)
-        raise PermissionError(f"{root} is a folder not every user of the server may enter: "
+        raise PermissionError(f"{root} is a folder not every user of the server may list: "
                               "imgsim does not read files private to it")
     return fd
 

@@ -31,7 +31,7 @@ from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Select
 
-from .. import files, settings
+from .. import backbones, files, settings
 from . import tables as t
 from .base import LEASE_KEY, Store, now
 
@@ -177,16 +177,21 @@ class PlpyStore(Store):
         real = Path(real)
         if what != "weights":
             return real
+        private = PathNotAllowed(f"{what} {path!r} is not readable by every user of the "
+                                 "server: imgsim does not read files private to it")
+        if not files.searchable_by_all(real):  # before the file is looked at: a private
+            raise private                      # folder's names are not told either
         found = files.regular_file(real)  # where the checked path leads, no link on the way
         if found is None:
             raise PathNotAllowed(f"weights {path!r} is not a regular file reached through no "
                                  "link (or does not exist)")
-        if not (found.st_mode & stat.S_IROTH and files.searchable_by_all(real)):
-            raise PathNotAllowed(f"{what} {path!r} is not readable by every user of the "
-                                 "server: imgsim does not read files private to it")
-        if not (real.suffix in (".pth", ".pt") and found.st_size >= 1 << 20):
-            raise PathNotAllowed(f"weights {path!r} must be a .pth or .pt file of at least "
-                                 "1 MB (a network's weights)")
+        if not found.st_mode & stat.S_IROTH:
+            raise private
+        if not (real.suffix in (".pth", ".pt")
+                and 1 << 20 <= found.st_size <= backbones.MAX_WEIGHTS_BYTES):
+            raise PathNotAllowed(f"weights {path!r} must be a .pth or .pt file of 1 to "
+                                 f"{backbones.MAX_WEIGHTS_BYTES >> 20} MB (a network's "
+                                 "weights)")
         return real
 
     def shared_only(self) -> bool:
