@@ -1,4 +1,5 @@
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -179,6 +180,21 @@ def test_a_jpeg_repeating_its_scans_is_refused_before_decoding():
     assert load_rgb(progressive).size == (64, 64)  # a real progressive JPEG is fine
     with pytest.raises(ImageError, match="scans is over the limit of 32"):
         load_rgb(_repeat_last_scan(progressive, 100))
+
+
+def _with_private_chunks(png: bytes, count: int) -> bytes:
+    chunk = (0).to_bytes(4, "big") + b"zzZz" + zlib.crc32(b"zzZz").to_bytes(4, "big")
+    after_header = 8 + 12 + 13  # the signature and IHDR
+    return png[:after_header] + chunk * count + png[after_header:]
+
+
+def test_a_png_of_a_great_many_chunks_is_refused_before_pillow_walks_them():
+    from imgsim.images import MAX_PNG_CHUNKS
+
+    png = encode(Image.new("RGB", (64, 64), "red"), "PNG")
+    assert load_rgb(_with_private_chunks(png, 1000)).size == (64, 64)  # skipped: fine
+    with pytest.raises(ImageError, match="chunks is over the limit"):
+        load_rgb(_with_private_chunks(png, MAX_PNG_CHUNKS))
 
 
 def test_tiffs_and_compressed_bmps_are_not_decoded_and_say_so():

@@ -6,7 +6,8 @@ Preprocessing, the same for every backbone, step and compute context:
    opening it costly; BMP uncompressed only: its run-length decoder is Python that a
    crafted file keeps busy); refuse images over ``MAX_PIXELS`` before
    decoding pixels, files whose parts would decode more than they declare (a tile
-   outside the image, a JPEG of more than ``MAX_JPEG_SCANS`` scans), and images
+   outside the image, a JPEG of more than ``MAX_JPEG_SCANS`` scans, a PNG of more than
+   ``MAX_PNG_CHUNKS`` chunks), and images
    whose decoded pixels would not fit the memory allowed (``max_decode_bytes``);
    decode only as many pixels as the result needs: a JPEG is decoded reduced by its
    DCT scaling (1/2, 1/4 or 1/8, the smallest whose shorter side stays at least 288 px),
@@ -46,6 +47,11 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG includes MPO (phones' JP
 # waits: a file repeating scans could keep a process busy for hours. Encoders write 1 to
 # about 20; 32 scans of 40 megapixels take about a second.
 MAX_JPEG_SCANS = 32
+# Pillow walks a PNG's chunks one by one in Python, before and while decoding: a file of
+# millions of empty chunks keeps it busy for a minute, deaf to cancels. Encoders write a
+# handful besides IDAT, and IDAT in pieces of 8 KB or more; 100,000 cost ~0.3 s.
+MAX_PNG_CHUNKS = 100_000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # An EXIF block larger than a JPEG can hold is not read (its orientation is not applied):
 # Pillow would unpack every value of it.
 MAX_EXIF_BYTES = 65_536
@@ -90,6 +96,8 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
     the central square will be used (keep no more of a very long image)."""
     if not data:
         raise ImageError("empty file")
+    if data.startswith(PNG_SIGNATURE):
+        _check_png_chunks(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -145,6 +153,19 @@ def _orientation_exif(image: Image.Image):
         return image.getexif()
     except Exception:
         return None
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Refuse, before Pillow reads it, a PNG of more than ``MAX_PNG_CHUNKS`` chunks."""
+    position, chunks = len(PNG_SIGNATURE), 0
+    while position + 8 <= len(data):
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise ImageError(f"a PNG of more than {MAX_PNG_CHUNKS} chunks is over the limit")
+        length = int.from_bytes(data[position:position + 4], "big")
+        if data[position + 4:position + 8] == b"IEND":
+            return
+        position += 12 + length
 
 
 def _check_layout(image: Image.Image, data: bytes) -> None:
