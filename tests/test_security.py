@@ -567,6 +567,22 @@ def test_no_one_can_hold_imgsim_with_an_advisory_lock(target):
             dba.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")  # not blocked
 
 
+def test_a_lease_left_in_a_session_is_released_when_its_next_call_ends(target):
+    """A cancel landing in a step's last statements could leave its lease's key held by
+    the session, idle, and imgsim held for everyone; every call ends by releasing the
+    keys its backend holds for no running step."""
+    with psycopg.connect(target["dsn"], autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(1768777587, 4242)")
+        holder.execute("INSERT INTO imgsim_private.step_locks (token, pid, holder, since) "
+                       "VALUES (4242, pg_backend_pid(), 'left behind', now())")
+        image_id = holder.execute("SELECT min(id) FROM imgsim.images").fetchone()[0]
+        with psycopg.connect(target["analyst"], autocommit=True) as other:
+            with pytest.raises(errors.LockNotAvailable, match="left behind"):
+                other.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")
+            holder.execute("SELECT count(*) FROM imgsim.similar_to(%s, 1)", (image_id,))
+            other.execute("CALL imgsim.set_query_images(ARRAY[]::int[])")  # held no longer
+
+
 def test_a_pipe_in_an_allowed_folder_is_never_opened(target):
     images = target["allowed"] / "images"
     pipe = images / "striped" / "pipe.jpg"

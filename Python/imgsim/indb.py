@@ -33,7 +33,7 @@ from .pipeline import refresh, run_image_similarity
 from .prepare import prepare_data
 from .rank import rank_candidates, set_query_images, similar_images, similar_to
 from .routines import ROUTINES
-from .store.base import Busy
+from .store.base import LEASE_KEY, Busy
 from .store.plpy_store import PlpyStore
 from .sync import sync_image_folder
 from .train import train_classifier
@@ -103,6 +103,13 @@ def _plan(plpy, name: str):
                 "SELECT imgsim._step($1, $2) AS state", ["imgsim.short_text", "imgsim.short_text"]),
             "pin": lambda: plpy.prepare(
                 "SELECT pg_catalog.set_config('search_path', $1, true)", ["pg_catalog.text"]),
+            "leftover": lambda: plpy.prepare(
+                "SELECT pg_catalog.count(pg_catalog.pg_advisory_unlock($1, "
+                "l.objid::pg_catalog.int8::pg_catalog.int4)) FROM pg_catalog.pg_locks l "
+                "WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted "
+                "AND l.classid::pg_catalog.int8 = $1 AND l.pid = pg_catalog.pg_backend_pid() "
+                "AND l.objid::pg_catalog.int8 <> ALL($2)",
+                ["pg_catalog.int4", "pg_catalog.int8[]"]),
         }[name]()
     return _PLANS[name]
 
@@ -152,11 +159,28 @@ def call(plpy, routine: str, arguments: dict, procedure: bool, search_path: str 
                 if state != "more":
                     break
     finally:
-        if token in _INVOCATIONS:  # stopped between stretches: end the step cleanly
-            plpy.execute(step, [token, "close"])
+        try:
+            if token in _INVOCATIONS:  # stopped between stretches: end the step cleanly
+                plpy.execute(step, [token, "close"])
+        finally:
+            _INVOCATIONS.pop(token, None)
+            _release_leftover_leases(plpy)
     if state == "failed":
         raise _sql_error(plpy, invocation.error)
     return invocation.result
+
+
+def _release_leftover_leases(plpy) -> None:
+    """Release the lease keys this backend holds for no running step: a cancel landing in
+    a step's last statements could leave one, and with it imgsim held for everyone while
+    the session idles. A cancel arriving meanwhile stops one try; the next one runs."""
+    running = [i.store.lease_token for i in _INVOCATIONS.values() if i.store is not None]
+    while True:
+        try:
+            plpy.execute(_plan(plpy, "leftover"), [LEASE_KEY, running])
+            return
+        except plpy.spiexceptions.QueryCanceled:
+            continue
 
 
 def step(plpy, token: str, action: str) -> str:

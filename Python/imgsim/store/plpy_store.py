@@ -223,6 +223,11 @@ class PlpyStore(Store):
         self._token = token
         return token is not None
 
+    @property
+    def lease_token(self) -> int | None:
+        """The token of the lease this store holds, if any."""
+        return self._token
+
     def _release(self) -> None:
         token, self._token = self._token, None
         if token is not None:
