@@ -86,6 +86,7 @@ class Invocation:
     result: object = None
     error: BaseException | None = None
     memory_mb: int = 0
+    finished: bool = False  # done, failed or closed: only the end of the call is left
 
 
 _INVOCATIONS: dict[str, Invocation] = {}
@@ -159,49 +160,45 @@ def call(plpy, routine: str, arguments: dict, procedure: bool, search_path: str 
                 if state != "more":
                     break
     finally:
-        try:
-            if token in _INVOCATIONS:  # stopped between stretches: end the step cleanly
-                plpy.execute(step, [token, "close"])
-        finally:
-            _INVOCATIONS.pop(token, None)
-            _release_leftover_leases(plpy)
+        while token in _INVOCATIONS:  # however many cancels arrive meanwhile
+            try:
+                plpy.execute(step, [token, "end"])
+            except plpy.spiexceptions.QueryCanceled:
+                continue
     if state == "failed":
         raise _sql_error(plpy, invocation.error)
     return invocation.result
 
 
-def _release_leftover_leases(plpy) -> None:
-    """Release the lease keys this backend holds for no running step: a cancel landing in
-    a step's last statements could leave one, and with it imgsim held for everyone while
-    the session idles. A cancel arriving meanwhile stops one try; the next one runs."""
-    running = [i.store.lease_token for i in _INVOCATIONS.values() if i.store is not None]
-    while True:
-        try:
-            plpy.execute(_plan(plpy, "leftover"), [LEASE_KEY, running])
-            return
-        except plpy.spiexceptions.QueryCanceled:
-            continue
-
-
 def step(plpy, token: str, action: str) -> str:
     """The body of ``imgsim._step``: advance the step of ``token`` by one stretch
-    (``next``), run it to the end (``all``) or end it (``close``). Returns ``more``,
-    ``done``, ``failed`` or ``closed``."""
+    (``next``), run it to the end (``all``), or end the call (``end``: close the step if
+    it stopped between stretches, then release the lease keys this backend holds for no
+    running step: a cancel landing in a step's last statements could leave one, and
+    imgsim held for everyone while the session idles). Returns ``more``, ``done``,
+    ``failed`` or ``ended``."""
     invocation = _INVOCATIONS.get(token)
     if invocation is None:
         raise plpy.spiexceptions.InsufficientPrivilege(
             "imgsim._step is internal: it runs the step of a call of one of imgsim's "
             "routines and cannot be called on its own")
+    if action == "end":
+        try:
+            if invocation.stretches is not None and not invocation.finished:
+                invocation.finished = True
+                with plpy.subtransaction():
+                    invocation.stretches.close()
+        finally:
+            running = [i.store.lease_token for t, i in _INVOCATIONS.items()
+                       if t != token and i.store is not None]
+            plpy.execute(_plan(plpy, "leftover"), [LEASE_KEY, running])
+            del _INVOCATIONS[token]
+        return "ended"
     if invocation.stretches is None:
         invocation.store = PlpyStore(plpy, invocation.caller, invocation.login)
         invocation.stretches = STEPS[invocation.routine](invocation.store,
                                                          **invocation.arguments)
         invocation.memory_mb = settings.read(invocation.store)["max_backend_memory_mb"]
-    if action == "close":
-        del _INVOCATIONS[token]
-        with plpy.subtransaction():
-            invocation.stretches.close()
-        return "closed"
     try:
         with plpy.subtransaction(), settings.capped(invocation.memory_mb):
             try:
@@ -211,10 +208,10 @@ def step(plpy, token: str, action: str) -> str:
                         return "more"
             except StopIteration as stop:
                 invocation.result = stop.value
-        del _INVOCATIONS[token]
+        invocation.finished = True
         return "done"
     except Exception as exc:  # the stretch's writes are rolled back; the record is not
-        del _INVOCATIONS[token]
+        invocation.finished = True
         invocation.error = exc
         invocation.store.record_failure(exc)
         return "failed"
