@@ -197,6 +197,33 @@ def test_a_png_of_a_great_many_chunks_is_refused_before_pillow_walks_them():
         load_rgb(_with_private_chunks(png, MAX_PNG_CHUNKS))
 
 
+def test_headers_pillow_would_parse_for_long_are_refused_before_it_does():
+    from imgsim.images import MAX_HEADER_PARTS
+
+    jpeg = encode(Image.new("RGB", (64, 64), "red"), "JPEG")
+    empty_app5 = b"\xff\xe5\x00\x02"
+    assert load_rgb(jpeg[:2] + empty_app5 * 100 + jpeg[2:]).size == (64, 64)
+    with pytest.raises(ImageError, match="segments before its image is over the limit"):
+        load_rgb(jpeg[:2] + empty_app5 * MAX_HEADER_PARTS + jpeg[2:])
+    gif = encode(Image.new("P", (64, 64)), "GIF")
+    first_block = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)  # after the table
+
+    def commented(sub_blocks: int) -> bytes:
+        comment = b"\x21\xfe" + b"\x01c" * sub_blocks + b"\x00"
+        return gif[:first_block] + comment + gif[first_block:]
+
+    assert load_rgb(commented(100)).size == (64, 64)
+    with pytest.raises(ImageError, match="blocks before its image is over the limit"):
+        load_rgb(commented(MAX_HEADER_PARTS + 1))
+    png = encode(Image.new("RGB", (64, 64), "red"), "PNG")
+    profile = zlib.compress(b"\0" * (1 << 20))
+    body = b"icc\0\0" + profile
+    iccp = (len(body).to_bytes(4, "big") + b"iCCP" + body
+            + zlib.crc32(b"iCCP" + body).to_bytes(4, "big"))
+    with pytest.raises(ImageError, match="more than one colour profile"):
+        load_rgb(png[:33] + iccp * 2 + png[33:])
+
+
 def test_tiffs_and_compressed_bmps_are_not_decoded_and_say_so():
     for compression in ("raw", "jpeg"):  # its layout alone can make opening one costly
         data = encode(Image.new("RGB", (32, 32)), "TIFF", compression=compression)

@@ -7,7 +7,9 @@ Preprocessing, the same for every backbone, step and compute context:
    crafted file keeps busy); refuse images over ``MAX_PIXELS`` before
    decoding pixels, files whose parts would decode more than they declare (a tile
    outside the image, a JPEG of more than ``MAX_JPEG_SCANS`` scans, a PNG of more than
-   ``MAX_PNG_CHUNKS`` chunks), and images
+   ``MAX_PNG_CHUNKS`` chunks or colour profiles, a JPEG or GIF of more than
+   ``MAX_HEADER_PARTS`` parts before its image: Pillow parses those in Python, deaf to
+   cancels), and images
    whose decoded pixels would not fit the memory allowed (``max_decode_bytes``);
    decode only as many pixels as the result needs: a JPEG is decoded reduced by its
    DCT scaling (1/2, 1/4 or 1/8, the smallest whose shorter side stays at least 288 px),
@@ -52,6 +54,9 @@ MAX_JPEG_SCANS = 32
 # handful besides IDAT, and IDAT in pieces of 8 KB or more; 100,000 cost ~0.3 s.
 MAX_PNG_CHUNKS = 100_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Likewise the segments of a JPEG before its first scan (encoders write some 10 to 30) and
+# the blocks of a GIF before its first image (a handful): Pillow parses them in Python.
+MAX_HEADER_PARTS = 10_000
 # An EXIF block larger than a JPEG can hold is not read (its orientation is not applied):
 # Pillow would unpack every value of it.
 MAX_EXIF_BYTES = 65_536
@@ -98,6 +103,10 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS, size: int = SIZE,
         raise ImageError("empty file")
     if data.startswith(PNG_SIGNATURE):
         _check_png_chunks(data)
+    elif data.startswith(b"\xff\xd8"):
+        _check_jpeg_header(data)
+    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        _check_gif_header(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -156,16 +165,58 @@ def _orientation_exif(image: Image.Image):
 
 
 def _check_png_chunks(data: bytes) -> None:
-    """Refuse, before Pillow reads it, a PNG of more than ``MAX_PNG_CHUNKS`` chunks."""
-    position, chunks = len(PNG_SIGNATURE), 0
+    """Refuse, before Pillow reads it, a PNG of more than ``MAX_PNG_CHUNKS`` chunks, or of
+    more than one colour profile (each is decompressed, up to 1 MB, in one C call)."""
+    position, chunks, profiles = len(PNG_SIGNATURE), 0, 0
     while position + 8 <= len(data):
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
             raise ImageError(f"a PNG of more than {MAX_PNG_CHUNKS} chunks is over the limit")
         length = int.from_bytes(data[position:position + 4], "big")
-        if data[position + 4:position + 8] == b"IEND":
+        kind = data[position + 4:position + 8]
+        if kind == b"IEND":
             return
+        profiles += kind == b"iCCP"
+        if profiles > 1:
+            raise ImageError("malformed: a PNG of more than one colour profile (iCCP)")
         position += 12 + length
+
+
+def _check_jpeg_header(data: bytes) -> None:
+    """Refuse, before Pillow reads it, a JPEG of more than ``MAX_HEADER_PARTS`` segments
+    (or fill bytes) before its first scan."""
+    position, parts = 2, 0
+    while position + 4 <= len(data):
+        parts += 1
+        if parts > MAX_HEADER_PARTS:
+            raise ImageError(f"a JPEG of more than {MAX_HEADER_PARTS} segments before its "
+                             "image is over the limit")
+        if data[position] != 0xFF:
+            return  # not a marker: Pillow says what is wrong
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte
+            position += 1
+        elif marker == 0xDA or 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            return  # the first scan (or a marker without a length): the header ends
+        else:
+            position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+
+
+def _check_gif_header(data: bytes) -> None:
+    """Refuse, before Pillow reads it, a GIF of more than ``MAX_HEADER_PARTS`` blocks and
+    sub-blocks before its first image."""
+    position, parts = 13, 0
+    if len(data) > 10 and data[10] & 0x80:  # a global colour table
+        position += 3 << ((data[10] & 0x07) + 1)
+    while position < len(data) and data[position] == 0x21:  # an extension
+        position += 2
+        while position < len(data) and data[position]:  # its sub-blocks
+            parts += 1
+            if parts > MAX_HEADER_PARTS:
+                raise ImageError(f"a GIF of more than {MAX_HEADER_PARTS} blocks before its "
+                                 "image is over the limit")
+            position += 1 + data[position]
+        position += 1
 
 
 def _check_layout(image: Image.Image, data: bytes) -> None:
