@@ -190,7 +190,8 @@ def step(plpy, token: str, action: str) -> str:
                     invocation.stretches.close()
         finally:
             running = [i.store.lease_token for t, i in _INVOCATIONS.items()
-                       if t != token and i.store is not None]
+                       if t != token and i.store is not None
+                       and i.store.lease_token is not None]  # a NULL would match nothing
             plpy.execute(_plan(plpy, "leftover"), [LEASE_KEY, running])
             del _INVOCATIONS[token]
         return "ended"
