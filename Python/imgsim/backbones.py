@@ -119,15 +119,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     at most MAX_WEIGHTS_BYTES are read (a file growing past it since it was checked is
     refused, not read to its end)."""
     digest, read = hashlib.sha256(), 0
+    refused = ValueError(f"{path} is not a regular file reached through no link")
     try:
         fd = files.open_exact(path)
     except OSError:
-        fd = None
-    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
-        if fd is not None:
-            os.close(fd)
-        raise ValueError(f"{path} is not a regular file reached through no link")
+        raise refused from None
     with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise refused
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             read += len(chunk)
             if read > MAX_WEIGHTS_BYTES:
